@@ -1,0 +1,32 @@
+"""sora-ds: sparse low-rank adaptation (SoRA) for large language models."""
+
+from .compact import compact, rank_report
+from .config import SoRAConfig
+from .export import export_peft, merge_adapters, save_merged
+from .inject import TargetError, gate_parameters, inject, sora_modules
+from .layer import SoRALinear
+from .optim import SoRAAdamW, build_optimizer, gate_l1_penalty, set_sparse_lambda
+from .prox import soft_threshold
+from .schedule import LambdaSchedule, StageRecorder
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LambdaSchedule",
+    "SoRAAdamW",
+    "SoRAConfig",
+    "SoRALinear",
+    "StageRecorder",
+    "TargetError",
+    "build_optimizer",
+    "compact",
+    "export_peft",
+    "gate_l1_penalty",
+    "gate_parameters",
+    "inject",
+    "merge_adapters",
+    "rank_report",
+    "save_merged",
+    "soft_threshold",
+    "sora_modules",
+]

@@ -1,0 +1,79 @@
+"""Prune dead ranks: a SoRA module whose gate entry is exactly zero contributes nothing through that rank.
+
+``compact`` drops those rows of A and columns of B and folds the gate into B (``B' = B[:, keep] * g[keep]``);
+the result is an ordinary LoRA of per-module rank with the same outputs, since the scale stays ``alpha / r_init``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .inject import sora_modules
+from .layer import SoRALinear
+from .zero import gathered
+
+
+@dataclass(frozen=True)
+class PrunedBranch:
+    """The plain-LoRA form of one module: ``delta W = scale * B @ A``, rank ``A.shape[0]`` (possibly 0)."""
+
+    lora_A: torch.Tensor  # kept x in
+    lora_B: torch.Tensor  # out x kept, gate folded in
+    scale: float
+    initial_rank: int
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+
+def pruned_branch(module: SoRALinear) -> PrunedBranch:
+    """The compacted tensors of one module (detached copies; the module is unchanged)."""
+    with gathered([p for p in (module.lora_A, module.lora_B, module.gate) if p is not None]):
+        a, b = module.lora_A.detach(), module.lora_B.detach()
+        if module.gate is None:
+            return PrunedBranch(a.clone(), b.clone(), module.scale, module.initial_rank)
+        g = module.gate.detach()
+        keep = g != 0
+        return PrunedBranch(a[keep].clone(), (b[:, keep] * g[keep]).clone(), module.scale, module.initial_rank)
+
+
+def pruned_branches(model: nn.Module) -> dict[str, PrunedBranch]:
+    return {name: pruned_branch(m) for name, m in sora_modules(model)}
+
+
+def rank_report(model: nn.Module) -> dict[str, dict[str, int]]:
+    """``{module: {"initial": r_init, "kept": nonzero gates}}`` without changing the model."""
+    report = {}
+    for name, m in sora_modules(model):
+        if m.gate is None:
+            kept = m.r
+        else:
+            with gathered([m.gate]):
+                kept = int((m.gate.detach() != 0).sum())
+        report[name] = {"initial": m.initial_rank, "kept": kept}
+    return report
+
+
+@torch.no_grad()
+def compact(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Turn every SoRA module into a plain LoRA of its kept rank, in place; a module with no rank left becomes its
+    base layer again. Returns the rank report (initial and kept rank per module). Single-process models only:
+    under ZeRO-3, export from the gathered adapter with :func:`sora_ds.export_peft` instead.
+    """
+    report = rank_report(model)
+    for name, module in list(sora_modules(model)):
+        branch = pruned_branch(module)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if branch.rank == 0:
+            setattr(parent, child, module.base_layer)
+            continue
+        module.lora_A = nn.Parameter(branch.lora_A, requires_grad=module.lora_A.requires_grad)
+        module.lora_B = nn.Parameter(branch.lora_B, requires_grad=module.lora_B.requires_grad)
+        module.gate = None
+        module.r = branch.rank
+    return report

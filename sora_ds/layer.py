@@ -1,0 +1,82 @@
+"""The SoRA layer: a frozen linear layer plus a gated low-rank branch.
+
+``y = W x + scale * B (g * (A x))`` with A: r x in, B: out x r, g: r. After :func:`sora_ds.compact` the gate is
+folded into B and dropped (``gate is None``): the module is then an ordinary LoRA of its own, smaller rank.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SoRALinear(nn.Module):
+    """Wraps ``base_layer`` (kept frozen) with a gated low-rank branch.
+
+    Adapter tensors are created in the base weight's dtype when that is a float type (so ZeRO-3, which does not
+    convert parameters added after ``zero.Init``, sees one dtype), else in fp32 (quantized bases).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        scale: float,
+        lora_dropout: float = 0.0,
+        gate_init: str = "normal",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = r
+        self.initial_rank = r
+        self.scale = scale
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        dtype = base_layer.weight.dtype if base_layer.weight.dtype.is_floating_point else torch.float32
+        device = base_layer.weight.device if base_layer.weight.device.type != "meta" else None
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
+        self.gate = nn.Parameter(torch.empty(r, dtype=dtype, device=device))
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._init_branch(gate_init, generator)
+
+    @torch.no_grad()
+    def _init_branch(self, gate_init: str, generator: torch.Generator | None) -> None:
+        # Kaiming-uniform A as nn.Linear does (bound 1/sqrt(in)); B = 0 so the branch starts as a no-op.
+        bound = 1.0 / math.sqrt(self.in_features)
+        a = torch.rand(self.lora_A.shape, generator=generator) * (2 * bound) - bound
+        self.lora_A.copy_(a)
+        if gate_init == "normal":
+            self.gate.copy_(torch.randn(self.gate.shape, generator=generator))
+        else:
+            self.gate.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)
+        if self.gate is not None:
+            h = h * self.gate
+        return result + (F.linear(h, self.lora_B) * self.scale).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * B diag(g) A``: what merging adds to the base weight (out x in)."""
+        b = self.lora_B if self.gate is None else self.lora_B * self.gate
+        return (b @ self.lora_A) * self.scale
+
+    def extra_repr(self) -> str:
+        gated = "gated" if self.gate is not None else "compacted"
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, {gated}"
+
+
+def module_generator(seed: int | None, name: str) -> torch.Generator | None:
+    """A generator seeded by (seed, module name), so adapter init is independent of global RNG and rank."""
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))

@@ -1,0 +1,39 @@
+"""The proximal operator of the L1 norm (soft threshold), used to train SoRA gates.
+
+Threshold conventions (``threshold_mode``):
+
+* ``"lr_scaled"`` (default, textbook proximal SGD): ``tau = lr_t * lambda``, where ``lr_t`` is the gate group's
+  learning rate at this step, so the shrink follows the LR schedule.
+* ``"absolute"`` (the SoRA authors' released scripts): ``tau = lambda``, whatever the learning rate.
+
+The operator is purely element-wise, so it gives the same answer on a whole gate vector and on any slice of it,
+which is what lets it run on DeepSpeed's flat fp32 shards with no communication.
+"""
+
+from __future__ import annotations
+
+import torch
+
+THRESHOLD_MODES = ("lr_scaled", "absolute")
+
+
+def threshold(lr: float, sparse_lambda: float, threshold_mode: str) -> float:
+    """The shrink ``tau`` for one step under the given convention."""
+    if threshold_mode == "lr_scaled":
+        return lr * sparse_lambda
+    if threshold_mode == "absolute":
+        return sparse_lambda
+    raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
+
+
+def soft_threshold(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """``sign(x) * max(|x| - tau, 0)``, exact: |x| <= tau gives 0, anything larger is shrunk by tau.
+
+    Low-precision inputs are computed in fp32 and rounded once at the end, so a value just above ``tau`` is
+    shrunk rather than lost to an intermediate rounding. Returns a new tensor of ``x``'s dtype.
+    """
+    if tau < 0:
+        raise ValueError(f"soft-threshold tau must be >= 0, got {tau}")
+    x32 = x.float()
+    out = torch.sign(x32) * torch.clamp(x32.abs() - tau, min=0.0)
+    return out.to(x.dtype)
