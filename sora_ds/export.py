@@ -16,7 +16,7 @@ from torch import nn
 
 from .atomic import atomic_dir
 from .compact import pruned_branches
-from .inject import sora_modules
+from .inject import matches_target, sora_modules
 from .layer import SoRALinear
 from .zero import gathered
 
@@ -34,7 +34,7 @@ def _task_type(model: nn.Module) -> str | None:
 def _modules_to_save_state(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     state = {}
     for module_name, module in model.named_modules():
-        if module_name and any(module_name == t or module_name.endswith("." + t) for t in names):
+        if module_name and matches_target(module_name, names):
             params = dict(module.named_parameters())
             with gathered(params.values()):
                 for pname, p in params.items():

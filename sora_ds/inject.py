@@ -65,6 +65,7 @@ def inject(model: nn.Module, config: SoRAConfig) -> list[str]:
                 f"target_modules entries {unmatched} match no linear module of {type(model).__name__}; "
                 f"{_describe_linears(model)}"
             )
+    to_save = _modules_to_save(model, config.modules_to_save)  # validated before the model is touched
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in chosen:
@@ -79,19 +80,21 @@ def inject(model: nn.Module, config: SoRAConfig) -> list[str]:
             generator=module_generator(config.init_seed, name),
         )
         setattr(parent, child, wrapped)
-    _unfreeze_modules_to_save(model, config.modules_to_save)
+    for m in to_save:
+        for p in m.parameters():
+            p.requires_grad_(True)
     model.sora_config = config  # the export needs alpha, dropout and modules_to_save
     return [n for n, _ in chosen]
 
 
-def _unfreeze_modules_to_save(model: nn.Module, names: list[str]) -> None:
+def _modules_to_save(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    found = []
     for target in names:
-        found = [m for n, m in model.named_modules() if n and (n == target or n.endswith("." + target))]
-        if not found:
+        hits = [m for n, m in model.named_modules() if n and matches_target(n, [target])]
+        if not hits:
             raise TargetError(f"modules_to_save entry {target!r} matches no module of {type(model).__name__}")
-        for m in found:
-            for p in m.parameters():
-                p.requires_grad_(True)
+        found += hits
+    return found
 
 
 def sora_modules(model: nn.Module) -> Iterator[tuple[str, SoRALinear]]:

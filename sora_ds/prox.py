@@ -29,11 +29,11 @@ def threshold(lr: float, sparse_lambda: float, threshold_mode: str) -> float:
 def soft_threshold(x: torch.Tensor, tau: float) -> torch.Tensor:
     """``sign(x) * max(|x| - tau, 0)``, exact: |x| <= tau gives 0, anything larger is shrunk by tau.
 
-    Low-precision inputs are computed in fp32 and rounded once at the end, so a value just above ``tau`` is
+    Inputs narrower than fp32 are computed in fp32 and rounded once at the end, so a value just above ``tau`` is
     shrunk rather than lost to an intermediate rounding. Returns a new tensor of ``x``'s dtype.
     """
     if tau < 0:
         raise ValueError(f"soft-threshold tau must be >= 0, got {tau}")
-    x32 = x.float()
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays fp64
     out = torch.sign(x32) * torch.clamp(x32.abs() - tau, min=0.0)
     return out.to(x.dtype)

@@ -6,7 +6,7 @@ Worked example, ``lambda_start=1e-3, sparse_lambda=1e-1, lambda_ramp_steps=100``
 * ``constant``: 1e-1 at every step (``lambda_start`` unused)
 * ``linear``: 1e-3 + (1e-1 - 1e-3) * 0.5 = 0.0505
 * ``loglinear``: geometric, 1e-3 * (1e-1 / 1e-3) ** 0.5 = 0.01 (needs ``lambda_start > 0``)
-* ``exp``: saturating, 1e-3 + (1e-1 - 1e-3) * (1 - e^-2.5) / (1 - e^-5) = 0.0927 (most of the rise comes early)
+* ``exp``: saturating, 1e-3 + (1e-1 - 1e-3) * (1 - e^-2.5) / (1 - e^-5) = 0.0925 (most of the rise comes early)
 
 With ``sparsify_stages = S > 0`` the ramp becomes a staircase of S equal stages (the paper's sparsifying
 scheduler): stage k of S holds the ramp's value at fraction k / (S - 1), so stage 0 is ``lambda_start`` and the
