@@ -31,31 +31,36 @@ class PrunedBranch:
 
 
 def pruned_branch(module: SoRALinear) -> PrunedBranch:
-    """The compacted tensors of one module (detached copies; the module is unchanged)."""
-    with gathered([p for p in (module.lora_A, module.lora_B, module.gate) if p is not None]):
-        a, b = module.lora_A.detach(), module.lora_B.detach()
-        if module.gate is None:
-            return PrunedBranch(a.clone(), b.clone(), module.scale, module.initial_rank)
-        g = module.gate.detach()
-        keep = g != 0
-        return PrunedBranch(a[keep].clone(), (b[:, keep] * g[keep]).clone(), module.scale, module.initial_rank)
+    """The compacted tensors of one module (detached copies; the module is unchanged). Reads full tensors: under
+    ZeRO-3 call it inside :func:`sora_ds.zero.gathered` (as :func:`pruned_branches` does)."""
+    a, b = module.lora_A.detach(), module.lora_B.detach()
+    if module.gate is None:
+        return PrunedBranch(a.clone(), b.clone(), module.scale, module.initial_rank)
+    g = module.gate.detach()
+    keep = g != 0
+    return PrunedBranch(a[keep].clone(), (b[:, keep] * g[keep]).clone(), module.scale, module.initial_rank)
+
+
+def adapter_tensors(modules: list[SoRALinear]) -> list[nn.Parameter]:
+    return [p for m in modules for p in (m.lora_A, m.lora_B, m.gate) if p is not None]
 
 
 def pruned_branches(model: nn.Module) -> dict[str, PrunedBranch]:
-    return {name: pruned_branch(m) for name, m in sora_modules(model)}
+    """Every module's compacted tensors; under ZeRO-3 the adapter (only) is gathered in one batched exchange."""
+    modules = dict(sora_modules(model))
+    with gathered(adapter_tensors(list(modules.values()))):
+        return {name: pruned_branch(m) for name, m in modules.items()}
 
 
 def rank_report(model: nn.Module) -> dict[str, dict[str, int]]:
-    """``{module: {"initial": r_init, "kept": nonzero gates}}`` without changing the model."""
-    report = {}
-    for name, m in sora_modules(model):
-        if m.gate is None:
-            kept = m.r
-        else:
-            with gathered([m.gate]):
-                kept = int((m.gate.detach() != 0).sum())
-        report[name] = {"initial": m.initial_rank, "kept": kept}
-    return report
+    """``{module: {"initial": r_init, "kept": nonzero gates}}`` without changing the model. Under ZeRO-3 all gates
+    are gathered in one batched exchange (a collective: every rank calls it)."""
+    modules = dict(sora_modules(model))
+    with gathered([m.gate for m in modules.values() if m.gate is not None]):
+        return {
+            name: {"initial": m.initial_rank, "kept": m.r if m.gate is None else int((m.gate.detach() != 0).sum())}
+            for name, m in modules.items()
+        }
 
 
 @torch.no_grad()
@@ -65,8 +70,9 @@ def compact(model: nn.Module) -> dict[str, dict[str, int]]:
     under ZeRO-3, export from the gathered adapter with :func:`sora_ds.export_peft` instead.
     """
     report = rank_report(model)
+    branches = pruned_branches(model)
     for name, module in list(sora_modules(model)):
-        branch = pruned_branch(module)
+        branch = branches[name]
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if branch.rank == 0:

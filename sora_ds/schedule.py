@@ -115,5 +115,11 @@ class StageRecorder:
             r.generalization_ratio = r.generalization_score / best_gen if best_gen else 0.0
         return self.records[-1]
 
+    @classmethod
+    def from_dicts(cls, records: list[dict]) -> StageRecorder:
+        recorder = cls()
+        recorder.records = [StageRecord(**r) for r in records]
+        return recorder
+
     def as_dicts(self) -> list[dict]:
         return [asdict(r) for r in self.records]
