@@ -23,14 +23,14 @@ from .atomic import atomic_dir
 from .batches import EpochSampler, micro_batches, supervised_tokens
 from .chat_data import build_datasets, collate
 from .checkpoint import keep_trainable_only, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .compact import rank_report
+from .compact import adapter_tensors, rank_report
 from .export import export_peft, save_merged
 from .inject import inject, sora_modules
 from .optim import build_optimizer, gate_l1_penalty, set_sparse_lambda
 from .report import plot_rank_heatmap, rank_table, retained_fraction
 from .schedule import StageRecorder
 from .train_config import TrainConfig, load_config, save_config
-from .zero import gathered
+from .zero import gathered, sharding_report
 
 
 def main(defaults: dict | None = None, argv: list[str] | None = None) -> dict:
@@ -134,6 +134,12 @@ def evaluate(model, loader, accelerator) -> dict[str, float]:
 
 
 def run(cfg: TrainConfig) -> dict:
+    """Train, write the outputs, return the summary."""
+    return train(cfg)[1]
+
+
+def train(cfg: TrainConfig):
+    """Train and write the outputs; returns ``(model with its SoRA layers, summary)``."""
     started = time.perf_counter()
     accelerator = build_accelerator(cfg)
     out = Path(cfg.output_dir)
@@ -252,6 +258,8 @@ def run(cfg: TrainConfig) -> dict:
         "final_eval_token_accuracy": final["token_accuracy"],
         "steps": cfg.max_steps,
         "num_processes": accelerator.num_processes,
+        "zero_stage": accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else 0,
+        **sharding_report(adapter_tensors([m for _, m in sora_modules(plain)])),
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - started,
         "stages": stages.as_dicts(),
@@ -271,7 +279,7 @@ def run(cfg: TrainConfig) -> dict:
             save_merged(plain, out / "merged")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return summary
+    return plain, summary
 
 
 def _read_lines(path: Path) -> list[str]:

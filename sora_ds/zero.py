@@ -28,3 +28,13 @@ def gathered(params: Iterable[nn.Parameter]):
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
+
+
+def sharding_report(params: Iterable[nn.Parameter]) -> dict[str, int]:
+    """Elements of ``params`` in full and held locally by this rank (equal when nothing is partitioned)."""
+    total = local = 0
+    for p in params:
+        full = p.ds_numel if is_partitioned(p) else p.numel()
+        total += full
+        local += p.ds_tensor.numel() if is_partitioned(p) else full
+    return {"adapter_elements": total, "adapter_elements_on_rank": local}
