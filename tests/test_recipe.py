@@ -123,3 +123,32 @@ def test_bad_dataset_fails_before_the_model_is_built(tmp_path):
     with pytest.raises(DataError, match="question"):
         train(cfg)
     assert not (out / "base_model").exists()
+
+
+def test_crash_mid_checkpoint_keeps_last_good_one(tmp_path, monkeypatch):
+    """A failure while writing checkpoint step 4 leaves step 2 as `latest`, complete, and resumable."""
+    import sora_ds.checkpoint as ckpt
+
+    real_export = ckpt.export_peft
+    calls = {"n": 0}
+
+    def failing_export(model, out_dir, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint dies half-written (after the optimizer state was saved)
+            raise OSError("disk full")
+        return real_export(model, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "export_peft", failing_export)
+    args = ["--max_steps", "6", "--save_every", "2", "--log_every", "1", "--output_dir", str(tmp_path)]
+    with pytest.raises(OSError, match="disk full"):
+        train(load_config(args, recipe_defaults()))
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step-0000002"
+    assert not (root / "step-0000004").exists()
+    assert json.loads((root / "step-0000002" / "trainer_state.json").read_text())["step"] == 2
+    assert (root / "step-0000002" / "adapter" / "adapter_model.safetensors").is_file()
+
+    monkeypatch.setattr(ckpt, "export_peft", real_export)
+    _, resumed = train(load_config([*args, "--resume_from", "latest"], recipe_defaults()))
+    assert resumed["steps"] == 6
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
