@@ -18,6 +18,7 @@ from .atomic import atomic_dir
 from .compact import pruned_branches
 from .inject import matches_target, sora_modules
 from .layer import SoRALinear
+from .quantized import dequantized_weight, plain_linear, quantized_kind
 from .zero import gathered
 
 PEFT_PREFIX = "base_model.model."
@@ -94,13 +95,19 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
 
 @torch.no_grad()
 def merge_adapters(model: nn.Module) -> nn.Module:
-    """Add every branch's ``scale * B diag(g) A`` into its base weight and put the base layers back, in place."""
+    """Add every branch's ``scale * B diag(g) A`` into its base weight and put the base layers back, in place.
+    A quantized (bitsandbytes) base layer is dequantized and becomes a full-precision ``nn.Linear`` (with a warning)."""
     for name, module in list(sora_modules(model)):
         base = module.base_layer
         with gathered([module.lora_A, module.lora_B, module.gate, base.weight]):
-            base.weight += module.delta_weight().to(base.weight.dtype)
+            if quantized_kind(base) is None:
+                base.weight += module.delta_weight().to(base.weight.dtype)
+                merged = base
+            else:
+                weight = dequantized_weight(base)
+                merged = plain_linear(base, weight + module.delta_weight().to(weight.dtype))
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, merged)
     if hasattr(model, "sora_config"):
         del model.sora_config
     return model

@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantized import adapter_dtype
+
 
 class SoRALinear(nn.Module):
     """Wraps ``base_layer`` (kept frozen) with a gated low-rank branch.
 
-    Adapter tensors are created in the base weight's dtype when that is a float type (so ZeRO-3, which does not
-    convert parameters added after ``zero.Init``, sees one dtype), else in fp32 (quantized bases).
+    Adapter tensors are created in the base weight's dtype (ZeRO-3 does not convert parameters added after
+    ``zero.Init``), or in the compute dtype of a quantized base (see :mod:`sora_ds.quantized`).
     """
 
     def __init__(
@@ -39,7 +41,7 @@ class SoRALinear(nn.Module):
         self.scale = scale
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        dtype = base_layer.weight.dtype if base_layer.weight.dtype.is_floating_point else torch.float32
+        dtype = adapter_dtype(base_layer)
         device = base_layer.weight.device if base_layer.weight.device.type != "meta" else None
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))

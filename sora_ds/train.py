@@ -29,7 +29,7 @@ from .inject import inject, sora_modules
 from .optim import build_optimizer, gate_l1_penalty, set_sparse_lambda
 from .report import plot_rank_heatmap, rank_table, retained_fraction
 from .schedule import StageRecorder
-from .train_config import TrainConfig, load_config, save_config
+from .train_config import ConfigError, TrainConfig, load_config, save_config
 from .zero import gathered, sharding_report
 
 
@@ -78,17 +78,21 @@ def load_tokenizer(cfg: TrainConfig):
     return build_byte_tokenizer()
 
 
-def load_model(cfg: TrainConfig, tokenizer):
-    """The base model: from the hub / a folder, or built from ``model_config`` (seeded, so runs reproduce).
+def load_model(cfg: TrainConfig, tokenizer, path: str | None = None, quantization=None, device=None):
+    """The base model: from ``path`` / the hub, or built from ``model_config`` (seeded, so runs reproduce).
 
     Under ZeRO-3 (accelerate's DeepSpeed plugin with ``zero3_init_flag``) transformers builds it inside
-    ``deepspeed.zero.Init``: every rank only ever holds its own slice of the base weights.
+    ``deepspeed.zero.Init``: every rank only ever holds its own slice of the base weights. With ``quantization``
+    (a ``BitsAndBytesConfig``) the weights are quantized while loading, on ``device`` (None under ZeRO-3).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = getattr(torch, cfg.torch_dtype)
-    if cfg.model_name_or_path:
-        return AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=dtype)
+    if path:
+        extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
+        if quantization and device is None:
+            extra.pop("device_map")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     kwargs = dict(cfg.model_config)
     model_type = kwargs.pop("model_type", "llama")
     config = AutoConfig.for_model(
@@ -101,6 +105,33 @@ def load_model(cfg: TrainConfig, tokenizer):
     )
     torch.manual_seed(cfg.seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def check_quantization(cfg: TrainConfig, accelerator) -> None:
+    """Refuse quantization + DeepSpeed combinations that cannot work, before anything is loaded."""
+    ds = accelerator.state.deepspeed_plugin
+    q = cfg.quantization
+    if not q or ds is None:
+        return
+    zero = ds.deepspeed_config.get("zero_optimization", {})
+    offloaded = [k for k in ("offload_param", "offload_optimizer") if zero.get(k, {}).get("device", "none") not in ("none", None)]
+    if offloaded:
+        raise ConfigError(
+            f"quantization with DeepSpeed {offloaded} is not supported (CPU offload with a quantized base uses more "
+            "GPU memory, not less); use launch/accelerate/zero3.yaml or zero2.yaml"
+        )
+    if zero.get("stage") == 3:
+        if q.get("load_in_8bit"):
+            raise ConfigError(
+                "quantization.load_in_8bit cannot be sharded by ZeRO-3 (int8 weights cannot be flattened); use "
+                f"load_in_4bit with bnb_4bit_quant_storage: {cfg.torch_dtype}, or ZeRO-2"
+            )
+        if q.get("bnb_4bit_quant_storage") != cfg.torch_dtype:
+            raise ConfigError(
+                f"4-bit under ZeRO-3 needs quantization.bnb_4bit_quant_storage: {cfg.torch_dtype} (the model's "
+                f"torch_dtype) so the packed weights can be flattened and sharded; got "
+                f"{q.get('bnb_4bit_quant_storage')!r}"
+            )
 
 
 def save_base_model(model, tokenizer, path: Path, accelerator) -> None:
@@ -149,11 +180,25 @@ def train(cfg: TrainConfig):
         save_config(cfg, out / "config.yaml")
 
     # Data first: a malformed dataset fails here, before the model is loaded.
+    check_quantization(cfg, accelerator)
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed)
-    model = load_model(cfg, tokenizer)
+    quantization = cfg.bnb_config()
+    zero3 = accelerator.state.deepspeed_plugin is not None and accelerator.state.deepspeed_plugin.zero_stage == 3
+    model = load_model(cfg, tokenizer, path=cfg.model_name_or_path)
     if not cfg.model_name_or_path:
         save_base_model(model, tokenizer, out / "base_model", accelerator)
+    if quantization is not None:
+        # Quantize while loading (bitsandbytes quantizes on placement); a config-built base goes through its save.
+        accelerator.wait_for_everyone()
+        source = cfg.model_name_or_path or str(out / "base_model")
+        del model
+        model = load_model(cfg, tokenizer, path=source, quantization=quantization, device=None if zero3 else accelerator.device)
+        if not zero3:
+            from peft import prepare_model_for_kbit_training
+
+            # Norms and other small float params go to fp32 for stable training on a quantized base.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     inject(model, cfg.sora_config())
     shapes = {n: (m.in_features, m.out_features) for n, m in sora_modules(model)}
     lambdas = cfg.lambda_schedule_obj()
@@ -259,7 +304,7 @@ def train(cfg: TrainConfig):
         "steps": cfg.max_steps,
         "num_processes": accelerator.num_processes,
         "zero_stage": accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else 0,
-        **sharding_report(adapter_tensors([m for _, m in sora_modules(plain)])),
+        **sharding_report(plain, adapter_tensors([m for _, m in sora_modules(plain)])),
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - started,
         "stages": stages.as_dicts(),

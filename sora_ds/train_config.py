@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from .config import GATE_INITS, SoRAConfig
@@ -52,6 +53,7 @@ class TrainConfig:
     model_config: dict = field(default_factory=lambda: dict(TINY_LLAMA))  # config kwargs when building from config
     tokenizer_name_or_path: str | None = None  # None: the model's own, or the built-in byte tokenizer
     torch_dtype: str = "float32"
+    quantization: dict | None = None  # BitsAndBytesConfig arguments, e.g. {load_in_4bit: true, bnb_4bit_quant_type: nf4}
     # --- data ---
     dataset: str | None = None  # local .json/.jsonl file or folder, or hub dataset name; None: built-in tiny chat
     dataset_split: str = "train"
@@ -114,6 +116,7 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.model_name_or_path is None and not self.model_config:
             raise ConfigError("model_config must be a non-empty mapping when model_name_or_path is null")
+        self.bnb_config()
         # Reuse the library's own validation, re-raised under the recipe keys.
         try:
             self.sora_config()
@@ -139,6 +142,30 @@ class TrainConfig:
             lambda_ramp_steps=self.lambda_ramp_steps if self.lambda_ramp_steps is not None else self.max_steps,
             sparsify_stages=self.sparsify_stages,
         )
+
+    def bnb_config(self):
+        """``transformers.BitsAndBytesConfig`` from ``quantization`` (dtype names as strings), or None."""
+        if not self.quantization:
+            return None
+        import inspect
+
+        from transformers import BitsAndBytesConfig
+
+        allowed = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(self.quantization) - allowed)
+        if unknown:
+            raise ConfigError(f"quantization keys {unknown} are not BitsAndBytesConfig arguments; allowed: {sorted(allowed)}")
+        q = dict(self.quantization)
+        if bool(q.get("load_in_4bit")) == bool(q.get("load_in_8bit")):
+            raise ConfigError(f"quantization must set exactly one of load_in_4bit / load_in_8bit to true, got {q}")
+        for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+            if isinstance(q.get(key), str):
+                if q[key] not in DTYPES and q[key] != "uint8":
+                    raise ConfigError(f"quantization.{key}={q[key]!r}; choose one of {list(DTYPES) + ['uint8']}")
+                q[key] = getattr(torch, q[key])
+        if q.get("bnb_4bit_quant_type", "nf4") not in ("nf4", "fp4"):
+            raise ConfigError(f"quantization.bnb_4bit_quant_type={q['bnb_4bit_quant_type']!r}; choose 'nf4' or 'fp4'")
+        return BitsAndBytesConfig(**q)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
