@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -115,9 +116,13 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 def save_merged(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     """Merge the adapters into the base weights (in place: the model is plain afterwards) and save it with
-    ``save_pretrained``, atomically. For a full-precision base; quantized bases are merged after dequantizing."""
+    ``save_pretrained``, atomically. A quantized base is dequantized first (with a warning): the merged model is
+    full precision, since an adapter delta cannot be added to 4-bit or 8-bit codes without re-quantizing."""
     if any(isinstance(m, SoRALinear) for m in model.modules()):
         merge_adapters(model)
+    if getattr(model, "hf_quantizer", None) is not None or any(quantized_kind(m) for m in model.modules()):
+        warnings.warn("save_merged: the quantized base is dequantized; the merged model is full precision", stacklevel=2)
+        model = model.dequantize()
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)

@@ -205,6 +205,8 @@ def _coerce(key: str, value, source: str):
     hint = typing.get_type_hints(TrainConfig)[key]
     if isinstance(value, str) and not _type_ok(value, hint):
         value = _number(value, hint)
+    if isinstance(value, bool) and not _type_ok(value, hint) and _type_ok("", hint):
+        value = "yes" if value else "no"  # YAML 1.1 reads `mixed_precision: no` as False; the key wants the word
     if not _type_ok(value, hint):
         raise ConfigError(f"config key {key!r} (from {source}) got {value!r} of type {type(value).__name__}; "
                           f"expected {_hint_name(hint)}")

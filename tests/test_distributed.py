@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/llama_sora.py"
 SHARDED = "tests/data/zero3_sharded.json"
 STEPS = 8
+QUANT_4BIT = ("{load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_use_double_quant: true, "
+              "bnb_4bit_compute_dtype: float32, bnb_4bit_quant_storage: float32}")
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
@@ -77,7 +79,15 @@ def runs(tmp_path_factory):
     two_ranks[-1] = str(free_port())
     run([ACCELERATE, "launch", "--config_file", "launch/accelerate/zero2.yaml", *two_ranks,
          *recipe_args(zero2, "--model_name_or_path", base, "--per_device_train_batch_size", "4")])
-    return {"root": root, "single": single, "zero3": zero3, "zero2": zero2, "base": base}
+    # 4-bit (nf4, quant storage = the model dtype so the packed weights shard) alone and under ZeRO-3.
+    q4 = ["--quantization", QUANT_4BIT]
+    single_4bit, zero3_4bit = root / "single_4bit", root / "zero3_4bit"
+    run([sys.executable, *recipe_args(single_4bit, "--model_name_or_path", base, "--per_device_train_batch_size", "8", *q4)])
+    run([ACCELERATE, "launch", "--config_file", "launch/accelerate/zero3.yaml", "--deepspeed_config_file", SHARDED,
+         "--num_processes", "2", "--main_process_port", str(free_port()),
+         *recipe_args(zero3_4bit, "--model_name_or_path", base, "--per_device_train_batch_size", "4", *q4)])
+    return {"root": root, "single": single, "zero3": zero3, "zero2": zero2, "base": base,
+            "single_4bit": single_4bit, "zero3_4bit": zero3_4bit}
 
 
 def assert_same_training(a: Path, b: Path, rtol: float) -> None:
@@ -106,6 +116,16 @@ def test_zero3_two_ranks_equals_one_process(runs):
 def test_zero2_two_ranks_equals_one_process(runs):
     assert_same_training(runs["single"], runs["zero2"], rtol=1e-4)
     assert summary(runs["zero2"])["zero_stage"] == 2
+
+
+def test_4bit_zero3_two_ranks_equals_4bit_one_process(runs):
+    assert_same_training(runs["single_4bit"], runs["zero3_4bit"], rtol=1e-4)
+    one, two = summary(runs["single_4bit"]), summary(runs["zero3_4bit"])
+    assert two["base_bytes"] == one["base_bytes"] == one["base_bytes_on_rank"]
+    # Each rank holds about half of the packed 4-bit base, and the base really is 4-bit (well under fp32 size).
+    assert 0.45 < two["base_bytes_on_rank"] / two["base_bytes"] < 0.55
+    full_fp32 = summary(runs["single"])["base_bytes"]
+    assert one["base_bytes"] < 0.5 * full_fp32
 
 
 def test_zero3_checkpoint_is_complete_and_atomic(runs):

@@ -1,0 +1,157 @@
+"""SoRA on bitsandbytes 4-bit / 8-bit bases on CPU: training, gradients, pruning, export, merge, refusals."""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from peft import PeftModel  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import sora_ds  # noqa: E402
+from sora_ds.quantized import quantized_kind  # noqa: E402
+from sora_ds.train import check_quantization  # noqa: E402
+from sora_ds.train_config import ConfigError, TrainConfig  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+QUANT = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.bfloat16),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
+    "int8": dict(load_in_8bit=True),
+}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3)
+    path = tmp_path_factory.mktemp("qbase")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def load(base_dir, kind):
+    return AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=BitsAndBytesConfig(**QUANT[kind]), device_map="cpu", dtype=torch.float32
+    )
+
+
+def train_sora(model, steps=25, sparse_lambda=3.0):
+    sora_ds.inject(model, sora_ds.SoRAConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_seed=0))
+    opt = sora_ds.build_optimizer(model, learning_rate=1e-2, sparse_lambda=sparse_lambda)
+    ids = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
+    losses, grads = [], set()
+    for step in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if step == 0:
+            grads = {n for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, grads, ids
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
+def test_sora_trains_on_quantized_base(base_dir, kind):
+    model = load(base_dir, kind)
+    assert quantized_kind(model.model.layers[0].self_attn.q_proj) == ("8bit" if kind == "int8" else "4bit")
+    packed_before = model.model.layers[0].self_attn.q_proj.weight.data.clone()
+    losses, grads, _ = train_sora(model)
+    assert losses[-1] < 0.8 * losses[0], losses
+    # Gradients reach only A, B and the gate; the quantized base stays frozen and untouched.
+    assert grads and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "gate") for n in grads), sorted(grads)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight.data, packed_before)
+    report = sora_ds.rank_report(model)
+    kept = sum(r["kept"] for r in report.values())
+    assert 0 < kept < sum(r["initial"] for r in report.values())  # some gates reached exactly zero
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.dtype == torch.float32  # compute dtype, not the packed storage dtype
+
+
+def test_export_from_4bit_applies_to_quantized_and_full_bases(base_dir, tmp_path):
+    model = load(base_dir, "nf4")
+    _, _, ids = train_sora(model)
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    sora_ds.export_peft(model, tmp_path / "adapter")
+
+    quantized = PeftModel.from_pretrained(load(base_dir, "nf4"), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (quantized(input_ids=ids).logits - ref).abs().max().item() <= 1e-4
+
+    # The same adapter on the unquantized base adds exactly the trained delta to the full-precision weights.
+    full = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    w_before = full.model.layers[1].mlp.down_proj.weight.detach().clone()
+    merged = PeftModel.from_pretrained(full, tmp_path / "adapter").merge_and_unload()
+    delta = model.model.layers[1].mlp.down_proj.delta_weight().detach()
+    torch.testing.assert_close(merged.model.layers[1].mlp.down_proj.weight - w_before, delta, atol=1e-6, rtol=1e-5)
+
+
+def test_merge_into_4bit_base_dequantizes_and_says_so(base_dir, tmp_path):
+    model = load(base_dir, "nf4")
+    _, _, ids = train_sora(model)
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sora_ds.save_merged(model, tmp_path / "merged")
+    assert any("dequantized" in str(w.message) for w in caught)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert not any(quantized_kind(m) for m in reloaded.modules())
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - ref).abs().max().item() <= 1e-4
+
+
+def ds_accelerator(stage, offload=None):
+    zero = {"stage": stage}
+    if offload:
+        zero["offload_param"] = {"device": offload}
+    return types.SimpleNamespace(state=types.SimpleNamespace(
+        deepspeed_plugin=types.SimpleNamespace(deepspeed_config={"zero_optimization": zero})))
+
+
+@pytest.mark.parametrize(
+    "quantization, stage, offload, match",
+    [
+        ({"load_in_8bit": True}, 3, None, "load_in_8bit cannot be sharded by ZeRO-3"),
+        ({"load_in_4bit": True}, 3, None, "bnb_4bit_quant_storage: bfloat16"),
+        ({"load_in_4bit": True, "bnb_4bit_quant_storage": "float32"}, 3, None, "bnb_4bit_quant_storage: bfloat16"),
+        ({"load_in_4bit": True, "bnb_4bit_quant_storage": "bfloat16"}, 3, "cpu", "offload"),
+    ],
+)
+def test_incompatible_quantization_with_deepspeed_is_refused(quantization, stage, offload, match):
+    cfg = TrainConfig(quantization=quantization, torch_dtype="bfloat16")
+    with pytest.raises(ConfigError, match=match):
+        check_quantization(cfg, ds_accelerator(stage, offload))
+
+
+def test_compatible_quantization_with_deepspeed_is_accepted():
+    ok = TrainConfig(quantization={"load_in_4bit": True, "bnb_4bit_quant_storage": "bfloat16"}, torch_dtype="bfloat16")
+    check_quantization(ok, ds_accelerator(3))
+    check_quantization(TrainConfig(quantization={"load_in_8bit": True}), ds_accelerator(2))
+
+
+@pytest.mark.parametrize(
+    "quantization, match",
+    [
+        ({"load_in_4bit": True, "bnb_4bit_quant_typo": "nf4"}, "bnb_4bit_quant_typo"),
+        ({"load_in_4bit": True, "load_in_8bit": True}, "exactly one of load_in_4bit / load_in_8bit"),
+        ({"load_in_4bit": True, "bnb_4bit_quant_type": "int3"}, "bnb_4bit_quant_type='int3'"),
+        ({"load_in_4bit": True, "bnb_4bit_compute_dtype": "float8"}, "bnb_4bit_compute_dtype='float8'"),
+    ],
+)
+def test_quantization_config_errors_name_the_key(quantization, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(quantization=quantization)
