@@ -62,15 +62,18 @@ class SoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        # B (g * (A x)) computed as (B g) (A x): the same operations, in the same order, as the exported PEFT LoRA
+        # (whose B is B[:, keep] * g[keep]), so export reproduces the logits to the last bits; and out*r products
+        # per step instead of tokens*r.
         h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)
-        if self.gate is not None:
-            h = h * self.gate
-        return result + (F.linear(h, self.lora_B) * self.scale).to(result.dtype)
+        return result + (F.linear(h, self._gated_B()) * self.scale).to(result.dtype)
+
+    def _gated_B(self) -> torch.Tensor:
+        return self.lora_B if self.gate is None else self.lora_B * self.gate
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * B diag(g) A``: what merging adds to the base weight (out x in)."""
-        b = self.lora_B if self.gate is None else self.lora_B * self.gate
-        return (b @ self.lora_A) * self.scale
+        return (self._gated_B() @ self.lora_A) * self.scale
 
     def extra_repr(self) -> str:
         gated = "gated" if self.gate is not None else "compacted"

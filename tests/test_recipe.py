@@ -152,3 +152,19 @@ def test_crash_mid_checkpoint_keeps_last_good_one(tmp_path, monkeypatch):
     _, resumed = train(load_config([*args, "--resume_from", "latest"], recipe_defaults()))
     assert resumed["steps"] == 6
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_staged_sparsifying_scheduler_records_each_stage(tmp_path):
+    """sparsify_stages=3 over 9 steps: lambda steps up per stage, and each stage end records the paper's ratios."""
+    args = ["--max_steps", "9", "--log_every", "1", "--sparsify_stages", "3", "--lambda_schedule", "linear",
+            "--lambda_start", "0", "--sparse_lambda", "2.0", "--output_dir", str(tmp_path)]
+    _, summary = train(load_config(args, recipe_defaults()))
+    stages = summary["stages"]
+    assert [s["stage"] for s in stages] == [0, 1, 2]
+    assert [s["step"] for s in stages] == [3, 6, 9]
+    assert [s["sparse_lambda"] for s in stages] == [0.0, 1.0, 2.0]
+    assert [r["lambda"] for r in metrics(tmp_path)] == [0.0] * 3 + [1.0] * 3 + [2.0] * 3
+    for key in ("memorization_ratio", "generalization_ratio"):
+        ratios = [s[key] for s in stages]
+        assert max(ratios) == 1.0 and all(0 <= r <= 1 for r in ratios), ratios
+    assert stages[0]["nonzero_params"] >= stages[-1]["nonzero_params"] > 0
