@@ -23,16 +23,8 @@ from sora_ds.export import peft_adapter
 from sora_ds.inject import gate_parameters, sora_modules
 from sora_ds.optim import build_optimizer
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: intra-op threading only costs time (badly so on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 DECODER_KW = dict(
     vocab_size=128,

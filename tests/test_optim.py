@@ -9,16 +9,8 @@ from sora_ds import SoRAConfig, inject
 from sora_ds.inject import branch_parameters, gate_parameters, sora_modules
 from sora_ds.optim import SoRAAdamW, build_optimizer, gate_l1_penalty, set_sparse_lambda
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: intra-op threading only costs time (badly so on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8

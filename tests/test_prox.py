@@ -7,16 +7,8 @@ import torch
 
 from sora_ds.prox import THRESHOLD_MODES, soft_threshold, threshold
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: intra-op threading only costs time (badly so on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 TAU = 0.5
 
