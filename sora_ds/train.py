@@ -179,7 +179,7 @@ def train(cfg: TrainConfig):
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
-    # Data first: a malformed dataset fails here, before the model is loaded.
+    # Cheap checks and the data first: a bad combination or a malformed dataset fails before any model is loaded.
     check_quantization(cfg, accelerator)
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed)
