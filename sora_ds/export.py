@@ -94,19 +94,24 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     return out_dir
 
 
-@torch.no_grad()
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Add every branch's ``scale * B diag(g) A`` into its base weight and put the base layers back, in place.
-    A quantized (bitsandbytes) base layer is dequantized and becomes a full-precision ``nn.Linear`` (with a warning)."""
-    for name, module in list(sora_modules(model)):
+    A quantized (bitsandbytes) base layer is dequantized and becomes an ``nn.Linear`` in the model's float dtype
+    (with a warning)."""
+    modules = list(sora_modules(model))
+    if any(quantized_kind(m.base_layer) for _, m in modules):
+        warnings.warn("merging into a quantized base: its weights are dequantized and the merged layers are "
+                      "full-precision nn.Linear", stacklevel=2)
+    float_dtype = getattr(model, "dtype", torch.float32)
+    for name, module in modules:
         base = module.base_layer
-        with gathered([module.lora_A, module.lora_B, module.gate, base.weight]):
+        with gathered([module.lora_A, module.lora_B, module.gate, base.weight]), torch.no_grad():
             if quantized_kind(base) is None:
                 base.weight += module.delta_weight().to(base.weight.dtype)
                 merged = base
             else:
                 weight = dequantized_weight(base)
-                merged = plain_linear(base, weight + module.delta_weight().to(weight.dtype))
+                merged = plain_linear(base, weight + module.delta_weight().to(weight.dtype), float_dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, merged)
     if hasattr(model, "sora_config"):

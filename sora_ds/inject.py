@@ -27,7 +27,7 @@ def matches_target(name: str, targets: list[str] | str) -> bool:
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """Layers SoRA can wrap. Quantized layers join this list in :mod:`sora_ds.quantized`."""
+    """Layers SoRA can wrap. bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` subclass ``nn.Linear`` and are included."""
     return isinstance(module, nn.Linear)
 
 

@@ -1,14 +1,12 @@
 """bitsandbytes 4-bit / 8-bit base layers (QLoRA-style). bitsandbytes is imported only when a model uses it.
 
 ``Linear4bit`` and ``Linear8bitLt`` subclass ``nn.Linear``, so injection and :class:`SoRALinear` need nothing
-special beyond two facts kept here: the adapter's dtype (the layer's compute dtype, not the packed storage dtype)
-and how to get a float weight back for merging.
+special beyond two facts kept here: the adapter's dtype, and how to get a float weight back for merging.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import warnings
 
 import torch
 from torch import nn
@@ -23,12 +21,14 @@ def quantized_kind(layer: nn.Module) -> str | None:
 
 
 def adapter_dtype(layer: nn.Module) -> torch.dtype:
-    """Float bases: the weight's dtype (ZeRO-3 does not convert parameters added after ``zero.Init``, so the adapter
-    must match). Quantized bases: the layer's compute dtype (the weight dtype there is the packed storage)."""
-    if quantized_kind(layer) is not None:
-        return getattr(layer, "compute_dtype", None) or torch.float32
-    dtype = layer.weight.dtype
-    return dtype if dtype.is_floating_point else torch.float32
+    """fp32, as PEFT does: bf16/fp16 adapter weights would lose most AdamW updates to rounding (a gate at 1.0 does
+    not move by 1e-4 in bf16). Under ZeRO-3 (a partitioned base weight) the adapter takes the base's float dtype
+    instead: DeepSpeed does not convert parameters added after ``zero.Init``, and keeps fp32 masters itself. A
+    packed 4-bit base is then stored in that dtype too (``bnb_4bit_quant_storage`` = ``torch_dtype``)."""
+    weight = layer.weight
+    if hasattr(weight, "ds_id") and weight.dtype.is_floating_point:
+        return weight.dtype
+    return torch.float32
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
@@ -44,18 +44,13 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     return layer.weight.data.float() * layer.weight.SCB.float().unsqueeze(1) / 127.0
 
 
-def plain_linear(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
-    """A float ``nn.Linear`` with ``weight`` (and the layer's bias), replacing a quantized layer after a merge."""
-    if quantized_kind(layer) is not None:
-        warnings.warn(
-            f"merging into a {quantized_kind(layer)} base layer: the base weight is dequantized and the merged "
-            "layer is a full-precision nn.Linear",
-            stacklevel=3,
-        )
-    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=weight.dtype)
+def plain_linear(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+    """A float ``nn.Linear`` of ``dtype`` with ``weight`` (and the layer's bias), on the layer's device."""
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype,
+                    device=layer.weight.device)
     out.weight.data.copy_(weight)
     if layer.bias is not None:
-        out.bias.data.copy_(layer.bias.data.to(weight.dtype))
+        out.bias.data.copy_(layer.bias.data)
     return out
 
 

@@ -155,3 +155,34 @@ def test_compatible_quantization_with_deepspeed_is_accepted():
 def test_quantization_config_errors_name_the_key(quantization, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(quantization=quantization)
+
+
+def test_bf16_compute_keeps_fp32_adapters_that_learn(base_dir):
+    """With bf16 compute (the usual GPU setup) adapters stay fp32: a 1e-4 update of a gate at 1.0 is not lost."""
+    q = dict(QUANT["nf4"], bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**q),
+                                                 device_map="cpu", dtype=torch.bfloat16)
+    sora_ds.inject(model, sora_ds.SoRAConfig(r=4, target_modules=["q_proj"], gate_init="ones", init_seed=0))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.dtype == layer.lora_B.dtype == layer.gate.dtype == torch.float32
+    opt = sora_ds.build_optimizer(model, learning_rate=1e-4, sparse_lambda=0.0)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # B starts at zero, so the gate gets a gradient from the second step on
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert (layer.gate.detach() != 1.0).all()
+
+
+def test_merge_in_bf16_4bit_model_keeps_dtype_and_runs(base_dir):
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=BitsAndBytesConfig(**dict(QUANT["nf4"], bnb_4bit_compute_dtype=torch.bfloat16)),
+        device_map="cpu", dtype=torch.bfloat16)
+    sora_ds.inject(model, sora_ds.SoRAConfig(r=4, target_modules=["q_proj"], init_seed=0))
+    with pytest.warns(UserWarning, match="dequantized"):
+        sora_ds.merge_adapters(model)
+    merged = model.model.layers[0].self_attn.q_proj
+    assert type(merged) is torch.nn.Linear and merged.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 96, (1, 8))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
