@@ -85,6 +85,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _common import cpu_pressure, device_name, percentile
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -154,30 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # helpers
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def cpu_pressure() -> dict | None:
-    """Linux PSI for the CPU (``some avg10/avg60``, in %) and the 1-minute load: how much other work competed."""
-    try:
-        fields = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()[1:]
-        psi = {k: float(v) for k, v in (f.split("=") for f in fields) if k.startswith("avg")}
-    except (OSError, IndexError, ValueError):
-        psi = {}
-    try:
-        psi["loadavg1"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    return psi or None
 
 
 def proc_status_bytes(field: str) -> int | None:
@@ -347,14 +326,6 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def percentile(values: list[float], q: float) -> float:
-    xs = sorted(values)
-    if len(xs) == 1:
-        return xs[0]
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -486,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
     import peft
     import transformers
 
-    dev_name = device_name(device)
+    dev_name = device_name(device.type == "cuda")
     cdt = str(compute_dtype(device)).replace("torch.", "")
     print("QLoRA memory (bf16 vs 4-bit nf4 base) and step time (SoRA-4bit vs PEFT-LoRA-4bit)")
     print(f"  device   : {device} ({dev_name}), torch threads {torch.get_num_threads()}")

@@ -63,6 +63,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _common import cpu_pressure, device_name, percentile
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -117,30 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # setup
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def cpu_pressure() -> dict | None:
-    """Linux PSI for the CPU (``some avg10/avg60``, in %) and the 1-minute load: how much other work competed."""
-    try:
-        fields = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()[1:]
-        psi = {k: float(v) for k, v in (f.split("=") for f in fields) if k.startswith("avg")}
-    except (OSError, IndexError, ValueError):
-        psi = {}
-    try:
-        psi["loadavg1"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    return psi or None
 
 
 def build_base_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -232,15 +211,6 @@ def train_step(arm: Arm, batch: dict, device: torch.device, phases: bool) -> tup
     return t3 - t0, loss
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolation percentile (q in [0, 100])."""
-    xs = sorted(values)
-    if len(xs) == 1:
-        return xs[0]
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def measure_peak_memory(arm: Arm, batch: dict, device: torch.device) -> None:
@@ -286,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch = {"input_ids": ids, "labels": ids}
     setup_s = time.perf_counter() - t_setup
 
-    dev_name = device_name(device)
+    dev_name = device_name(device.type == "cuda")
     print("SoRA vs PEFT LoRA train-step overhead")
     print(f"  device   : {device} ({dev_name}), dtype {args.dtype}, torch threads {torch.get_num_threads()}")
     print(f"  versions : torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")

@@ -79,6 +79,8 @@ import threading
 import time
 from pathlib import Path
 
+from _common import cpu_pressure, device_name, percentile
+
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 EXPORT_TARGET = r"model\.layers\.[01]\.self_attn\.(q_proj|v_proj)"
 LEARNING_RATE = 1e-4
@@ -309,41 +311,10 @@ COUNTER = CollectiveCounter()
 # worker helpers
 
 
-def device_name(cuda: bool) -> str:
-    import torch
-
-    if cuda:
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def cpu_pressure() -> dict | None:
-    try:
-        fields = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()[1:]
-        psi = {k: float(v) for k, v in (f.split("=") for f in fields) if k.startswith("avg")}
-    except (OSError, IndexError, ValueError):
-        psi = {}
-    try:
-        psi["loadavg1"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    return psi or None
 
 
-def percentile(values: list[float], q: float) -> float:
-    xs = sorted(values)
-    if len(xs) == 1:
-        return xs[0]
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def full_numel(p) -> int:

@@ -27,6 +27,7 @@ __all__ = [
     "merge_adapters",
     "rank_report",
     "save_merged",
+    "set_sparse_lambda",
     "soft_threshold",
     "sora_modules",
 ]

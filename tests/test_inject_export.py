@@ -20,7 +20,7 @@ from transformers import (
 from sora_ds import SoRAConfig, SoRALinear, TargetError, compact, export_peft, inject, rank_report, save_merged
 from sora_ds.atomic import atomic_dir
 from sora_ds.export import peft_adapter
-from sora_ds.inject import gate_parameters, sora_modules
+from sora_ds.inject import sora_modules
 from sora_ds.optim import build_optimizer
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
