@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .inject import branch_parameters, gate_parameters, sora_modules
-from .prox import THRESHOLD_MODES, soft_threshold, threshold
+from .prox import THRESHOLD_MODES, soft_threshold_, threshold
 
 
 class SoRAAdamW(torch.optim.AdamW):
@@ -28,8 +28,7 @@ class SoRAAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             if group.get("sora_gate"):
                 tau = threshold(group["lr"], group["sparse_lambda"], group["threshold_mode"])
-                for p in group["params"]:
-                    p.copy_(soft_threshold(p, tau))
+                soft_threshold_(group["params"], tau)
         return loss
 
 
@@ -82,7 +81,9 @@ def build_optimizer(
         },
     ]
     groups = [g for g in groups if g["params"]]
-    return SoRAAdamW(groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
+    # foreach: one batched kernel per op over all tensors (torch picks it on CUDA already, not on CPU), which
+    # matters here because SoRA adds many tiny gate tensors.
+    return SoRAAdamW(groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
 
 
 def gate_l1_penalty(model: nn.Module, gate_l1: float) -> torch.Tensor | float:

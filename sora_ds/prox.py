@@ -37,3 +37,22 @@ def soft_threshold(x: torch.Tensor, tau: float) -> torch.Tensor:
     x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays fp64
     out = torch.sign(x32) * torch.clamp(x32.abs() - tau, min=0.0)
     return out.to(x.dtype)
+
+
+def soft_threshold_(tensors: list[torch.Tensor], tau: float) -> None:
+    """In-place :func:`soft_threshold` of many tensors at once, as the optimizer applies it.
+
+    fp32/fp64 tensors go through one batched ``x - clamp(x, -tau, tau)``: for ``|x| > tau`` that is ``x -+ tau``
+    (one rounding, the same value as ``sign(x) * (|x| - tau)``), otherwise exactly 0. Narrower dtypes use the
+    reference function, which computes in fp32 and rounds once.
+    """
+    if tau < 0:
+        raise ValueError(f"soft-threshold tau must be >= 0, got {tau}")
+    if tau == 0 or not tensors:
+        return
+    wide = [t for t in tensors if t.dtype in (torch.float32, torch.float64)]
+    if wide:
+        torch._foreach_sub_(wide, torch._foreach_clamp_max(torch._foreach_clamp_min(wide, -tau), tau))
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.float64):
+            t.copy_(soft_threshold(t, tau))

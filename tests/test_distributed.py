@@ -169,3 +169,16 @@ def test_two_machines_over_loopback_form_one_job(runs, tmp_path):
     s = summary(out)
     assert s["num_processes"] == 2
     assert_same_training(runs["single"], out, rtol=1e-4)
+
+
+def test_deepspeed_launcher_with_deepspeed_config_key(runs, tmp_path):
+    """The `deepspeed` launcher (as launch/deepspeed_hostfile.sh uses it) starts the recipe, which builds the
+    DeepSpeed plugin from its `deepspeed_config` key and accepts the launcher's --local_rank."""
+    out = tmp_path / "ds_launcher"
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
+         *recipe_args(out, "--model_name_or_path", runs["base"], "--per_device_train_batch_size", "4",
+                      "--deepspeed_config", SHARDED)])
+    s = summary(out)
+    assert (s["zero_stage"], s["num_processes"]) == (3, 2)
+    assert_same_training(runs["single"], out, rtol=1e-4)

@@ -179,3 +179,24 @@ def test_threshold_unknown_mode_names_allowed_values(bad):
     assert "threshold_mode" in msg
     assert "lr_scaled" in msg and "absolute" in msg
     assert repr(bad) in msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_batched_in_place_soft_threshold_equals_reference(dtype):
+    """The optimizer's batched in-place form gives the reference values bit for bit (zeros as +-0 alike)."""
+    from sora_ds.prox import soft_threshold_
+
+    tau = 0.25
+    edge = torch.tensor([0.0, tau, -tau, 0.3, -0.3, 0.5, -0.5, 0.49, 1e-9, 7.0], dtype=dtype)
+    tensors = [edge.clone(), torch.randn(257, dtype=torch.float64).to(dtype), torch.randn(3, 5).to(dtype)]
+    expected = [soft_threshold(t, tau) for t in tensors]
+    soft_threshold_(tensors, tau)
+    for got, ref in zip(tensors, expected):
+        assert got.dtype == dtype
+        assert torch.equal(got, ref)
+    untouched = [torch.randn(4).to(dtype)]
+    before = untouched[0].clone()
+    soft_threshold_(untouched, 0.0)
+    assert torch.equal(untouched[0], before)
+    with pytest.raises(ValueError, match="tau must be >= 0"):
+        soft_threshold_(untouched, -1.0)
