@@ -19,8 +19,8 @@ from .quantized import adapter_dtype
 class SoRALinear(nn.Module):
     """Wraps ``base_layer`` (kept frozen) with a gated low-rank branch.
 
-    Adapter tensors are created in the base weight's dtype (ZeRO-3 does not convert parameters added after
-    ``zero.Init``), or in the compute dtype of a quantized base (see :mod:`sora_ds.quantized`).
+    Adapter tensors are fp32, except under ZeRO-3 where they take the base's float dtype (see
+    :func:`sora_ds.quantized.adapter_dtype` for why).
     """
 
     def __init__(
@@ -62,9 +62,9 @@ class SoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        # B (g * (A x)) computed as (B g) (A x): the same operations, in the same order, as the exported PEFT LoRA
-        # (whose B is B[:, keep] * g[keep]), so export reproduces the logits to the last bits; and out*r products
-        # per step instead of tokens*r.
+        # B (g * (A x)) computed as (B g) (A x): the same products as the exported PEFT LoRA (whose B is
+        # B[:, keep] * g[keep]), so an export differs only by the summation order of the dropped zero columns;
+        # and out*r multiplies per step instead of tokens*r.
         h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)
         return result + (F.linear(h, self._gated_B()) * self.scale).to(result.dtype)
 
