@@ -33,8 +33,11 @@ def keep_trainable_only(accelerator, plain_model) -> None:
     accelerator.register_save_state_pre_hook(hook)
 
 
-def save_checkpoint(accelerator, plain_model, output_dir: str | Path, step: int, loop_state: dict) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+def save_checkpoint(
+    accelerator, plain_model, output_dir: str | Path, step: int, loop_state: dict, keep: int = 0
+) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder. ``keep > 0``: afterwards only the newest
+    ``keep`` checkpoints remain (older ones are deleted only once the new one and its pointer are in place)."""
     root = Path(output_dir) / "checkpoints"
     name = f"step-{step:07d}"
     tmp, final = root / f".{name}.tmp", root / name
@@ -55,6 +58,9 @@ def save_checkpoint(accelerator, plain_model, output_dir: str | Path, step: int,
         pointer = root / ".latest.tmp"
         pointer.write_text(name)
         os.replace(pointer, root / "latest")
+        if keep > 0:
+            for old in sorted(root.glob("step-*"))[:-keep]:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 

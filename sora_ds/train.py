@@ -286,7 +286,7 @@ def train(cfg: TrainConfig):
             _record_stage(stages, lambdas, step, lam, plain, shapes, model, mem_dl, eval_dl, accelerator)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
             loop["stages"] = stages.as_dicts()
-            save_checkpoint(accelerator, plain, out, done, loop)
+            save_checkpoint(accelerator, plain, out, done, loop, keep=cfg.save_total_limit)
     bar.close()
     train_time = time.perf_counter() - train_started
 

@@ -92,6 +92,7 @@ class TrainConfig:
     eval_every: int = 50  # 0: evaluate only at the end (and at stage ends)
     save_merged: bool = False
     save_every: int = 0  # optimizer steps between checkpoints; 0: none
+    save_total_limit: int = 0  # keep only the newest N checkpoints; 0: keep all
     resume_from: str | None = None  # a checkpoint folder, or "latest" (newest under output_dir/checkpoints)
     # --- distributed ---
     deepspeed_config: str | None = None  # DeepSpeed JSON, for launchers other than `accelerate launch`
@@ -106,7 +107,7 @@ class TrainConfig:
         for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "log_every", "r"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
-        for key in ("save_every", "warmup_steps", "eval_every", "sparse_lambda", "lambda_start", "gate_l1", "weight_decay"):
+        for key in ("save_every", "save_total_limit", "warmup_steps", "eval_every", "sparse_lambda", "lambda_start", "gate_l1", "weight_decay"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():

@@ -149,9 +149,12 @@ def test_crash_mid_checkpoint_keeps_last_good_one(tmp_path, monkeypatch):
     assert (root / "step-0000002" / "adapter" / "adapter_model.safetensors").is_file()
 
     monkeypatch.setattr(ckpt, "export_peft", real_export)
-    _, resumed = train(load_config([*args, "--resume_from", "latest"], recipe_defaults()))
+    _, resumed = train(load_config([*args, "--resume_from", "latest", "--save_total_limit", "1"], recipe_defaults()))
     assert resumed["steps"] == 6
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    # save_total_limit 1: the step-4 checkpoint replaced step 2 once it was complete (step 6 is the end: no save)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-0000004"]
+    assert (root / "latest").read_text() == "step-0000004"
 
 
 def test_staged_sparsifying_scheduler_records_each_stage(tmp_path):
