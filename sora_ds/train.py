@@ -199,6 +199,9 @@ def train(cfg: TrainConfig):
 
             # Norms and other small float params go to fp32 for stable training on a quantized base.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: correct with a frozen base (no inputs needing grad) and under ZeRO-3.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     inject(model, cfg.sora_config())
     shapes = {n: (m.in_features, m.out_features) for n, m in sora_modules(model)}
     lambdas = cfg.lambda_schedule_obj()

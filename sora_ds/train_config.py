@@ -85,6 +85,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0  # 0 disables clipping
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     seed: int = 42
     # --- outputs ---
     output_dir: str = "outputs/sora"

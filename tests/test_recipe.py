@@ -171,3 +171,14 @@ def test_staged_sparsifying_scheduler_records_each_stage(tmp_path):
         ratios = [s[key] for s in stages]
         assert max(ratios) == 1.0 and all(0 <= r <= 1 for r in ratios), ratios
     assert stages[0]["nonzero_params"] >= stages[-1]["nonzero_params"] > 0
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
+    base = ["--max_steps", "3", "--log_every", "1"]
+    model, _ = train(load_config([*base, "--gradient_checkpointing", "true", "--output_dir", str(tmp_path / "gc")],
+                                 recipe_defaults()))
+    assert model.is_activation_checkpointing
+    train(load_config([*base, "--output_dir", str(tmp_path / "plain")], recipe_defaults()))
+    with_gc = [r["loss"] for r in metrics(tmp_path / "gc")]
+    without = [r["loss"] for r in metrics(tmp_path / "plain")]
+    torch.testing.assert_close(torch.tensor(with_gc), torch.tensor(without), rtol=1e-5, atol=1e-5)
