@@ -9,8 +9,8 @@ offline, in about a minute on 2 CPU cores. Every key is a field of ``sora_ds.tra
 
 from sora_ds.train import main
 
-# Llama family choices: every linear layer of attention and MLP, start rank 8 (the SoRA paper's setting).
-LLAMA_DEFAULTS = {
+# Llama family choices (also SmolLM2, which is a Llama): every linear layer of attention and MLP, start rank 8 (the SoRA paper's setting).
+FAMILY_DEFAULTS = {
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "r": 8,
     "lora_alpha": 16.0,
@@ -18,4 +18,4 @@ LLAMA_DEFAULTS = {
 }
 
 if __name__ == "__main__":
-    main(defaults=LLAMA_DEFAULTS)
+    main(defaults=FAMILY_DEFAULTS)

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    defaults = runpy.run_path(str(REPO / "recipes" / "llama_sora.py"), run_name="recipe")["LLAMA_DEFAULTS"]
+    defaults = runpy.run_path(str(REPO / "recipes" / "llama_sora.py"), run_name="recipe")["FAMILY_DEFAULTS"]
     train(load_config(["--max_steps", "6", "--save_every", "3", "--log_every", "3", "--sparsify_stages", "2",
                        "--output_dir", str(out)], defaults))
     return out

@@ -15,7 +15,7 @@ from sora_ds.train_config import load_config
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULTS = runpy.run_path(str(REPO / "recipes" / "llama_sora.py"), run_name="recipe")["LLAMA_DEFAULTS"]
+DEFAULTS = runpy.run_path(str(REPO / "recipes" / "llama_sora.py"), run_name="recipe")["FAMILY_DEFAULTS"]
 QLORA_BF16 = ("{load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_use_double_quant: true, "
               "bnb_4bit_compute_dtype: bfloat16, bnb_4bit_quant_storage: bfloat16}")
 

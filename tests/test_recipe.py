@@ -25,7 +25,7 @@ EXPECTED = REPO / "tests" / "data" / "expected_default_losses.json"
 def recipe_defaults() -> dict:
     import runpy
 
-    return runpy.run_path(str(RECIPE), run_name="recipe")["LLAMA_DEFAULTS"]
+    return runpy.run_path(str(RECIPE), run_name="recipe")["FAMILY_DEFAULTS"]
 
 
 def metrics(out: Path) -> list[dict]:

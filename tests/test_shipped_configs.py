@@ -16,24 +16,32 @@ pytestmark = pytest.mark.recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "recipes").rglob("*.yaml"))
-FAMILY_SCRIPT = {"llama": "llama_sora.py"}
+# config folder -> (entry script, transformers model_type of that family)
+FAMILIES = {
+    "llama": ("llama_sora.py", "llama"),
+    "smollm2": ("llama_sora.py", "llama"),
+    "mistral": ("mistral_sora.py", "mistral"),
+    "qwen": ("qwen_sora.py", "qwen2"),
+}
 
 
 def family_defaults(config: Path) -> dict:
     import runpy
 
-    script = REPO / "recipes" / FAMILY_SCRIPT[config.parent.name]
-    return runpy.run_path(str(script), run_name="recipe")["LLAMA_DEFAULTS"]
+    script = REPO / "recipes" / FAMILIES[config.parent.name][0]
+    return runpy.run_path(str(script), run_name="recipe")["FAMILY_DEFAULTS"]
 
 
 def tiny_overrides(config: Path, out: Path) -> list[str]:
     """Same targets, ranks, sparsity and quantization; tiny dims, built-in data, CPU precision, two steps."""
     raw = yaml.safe_load(config.read_text())
-    args = ["--model_name_or_path", "null", "--model_config", yaml.safe_dump(TINY_LLAMA, default_flow_style=True),
+    tiny = {**TINY_LLAMA, "model_type": FAMILIES[config.parent.name][1]}
+    args = ["--model_name_or_path", "null", "--model_config", yaml.safe_dump(tiny, default_flow_style=True),
             "--tokenizer_name_or_path", "null", "--dataset", "null", "--max_length", "128",
             "--torch_dtype", "float32", "--mixed_precision", "no", "--max_steps", "2", "--log_every", "1",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--eval_size", "0.05",
-            "--save_every", "0", "--eval_every", "0", "--warmup_steps", "0", "--output_dir", str(out)]
+            "--save_every", "0", "--eval_every", "0", "--warmup_steps", "0", "--gradient_checkpointing", "false",
+            "--output_dir", str(out)]
     if raw.get("quantization"):
         q = {**raw["quantization"], "bnb_4bit_compute_dtype": "float32"}
         if q.get("bnb_4bit_quant_storage"):
@@ -44,6 +52,7 @@ def tiny_overrides(config: Path, out: Path) -> list[str]:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_shipped_config_runs_two_steps_on_a_tiny_model(config, tmp_path):
+    assert config.parent.name in FAMILIES, f"{config}: config folder is not a known model family"
     defaults = family_defaults(config)
     load_config(["--config", str(config)], defaults)  # valid as shipped: known keys, right types
     _, summary = train(load_config(["--config", str(config), *tiny_overrides(config, tmp_path)], defaults))
