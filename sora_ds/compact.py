@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .inject import sora_modules
+from .inject import replace_module, sora_modules
 from .layer import SoRALinear
 from .zero import gathered
 
@@ -69,17 +69,14 @@ def compact(model: nn.Module) -> dict[str, dict[str, int]]:
     base layer again. Returns the rank report (initial and kept rank per module). Single-process models only:
     under ZeRO-3, export from the gathered adapter with :func:`sora_ds.export_peft` instead.
     """
-    report = rank_report(model)
-    branches = pruned_branches(model)
+    branches = pruned_branches(model)  # one gather serves both the report and the new tensors
     for name, module in list(sora_modules(model)):
         branch = branches[name]
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         if branch.rank == 0:
-            setattr(parent, child, module.base_layer)
+            replace_module(model, name, module.base_layer)
             continue
         module.lora_A = nn.Parameter(branch.lora_A, requires_grad=module.lora_A.requires_grad)
         module.lora_B = nn.Parameter(branch.lora_B, requires_grad=module.lora_B.requires_grad)
         module.gate = None
         module.r = branch.rank
-    return report
+    return {name: {"initial": b.initial_rank, "kept": b.rank} for name, b in branches.items()}

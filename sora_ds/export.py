@@ -17,7 +17,7 @@ from torch import nn
 
 from .atomic import atomic_dir
 from .compact import pruned_branches
-from .inject import matches_target, sora_modules
+from .inject import matches_target, replace_module, sora_modules
 from .layer import SoRALinear
 from .quantized import dequantized_weight, plain_linear, quantized_kind
 from .zero import gathered
@@ -112,8 +112,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             else:
                 weight = dequantized_weight(base)
                 merged = plain_linear(base, weight + module.delta_weight().to(weight.dtype), float_dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, merged)
+        replace_module(model, name, merged)
     if hasattr(model, "sora_config"):
         del model.sora_config
     return model

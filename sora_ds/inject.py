@@ -69,8 +69,6 @@ def inject(model: nn.Module, config: SoRAConfig) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         wrapped = SoRALinear(
             module,
             r=config.r,
@@ -79,12 +77,18 @@ def inject(model: nn.Module, config: SoRAConfig) -> list[str]:
             gate_init=config.gate_init,
             generator=module_generator(config.init_seed, name),
         )
-        setattr(parent, child, wrapped)
+        replace_module(model, name, wrapped)
     for m in to_save:
         for p in m.parameters():
             p.requires_grad_(True)
     model.sora_config = config  # the export needs alpha, dropout and modules_to_save
     return [n for n, _ in chosen]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` (dotted path) is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _modules_to_save(model: nn.Module, names: list[str]) -> list[nn.Module]:

@@ -14,11 +14,15 @@ def _layer_and_kind(name: str) -> tuple[str, str]:
     return layer, name.rsplit(".", 1)[-1] if m else name
 
 
+def adapter_params(report: dict[str, dict[str, int]], shapes: dict[str, tuple[int, int]], which: str = "kept") -> int:
+    """Adapter parameters at the ``"kept"`` or ``"initial"`` ranks: ``rank * (in + out + 1)`` per module (A, B, gate)."""
+    return sum(r[which] * (shapes[n][0] + shapes[n][1] + 1) for n, r in report.items())
+
+
 def retained_fraction(report: dict[str, dict[str, int]], shapes: dict[str, tuple[int, int]]) -> float:
-    """Kept / initial adapter parameters, counting A and B (``rank * (in + out)`` per module) and the gate."""
-    initial = sum(r["initial"] * (shapes[n][0] + shapes[n][1] + 1) for n, r in report.items())
-    kept = sum(r["kept"] * (shapes[n][0] + shapes[n][1] + 1) for n, r in report.items())
-    return kept / initial if initial else 0.0
+    """Kept / initial adapter parameters (see :func:`adapter_params`)."""
+    initial = adapter_params(report, shapes, "initial")
+    return adapter_params(report, shapes) / initial if initial else 0.0
 
 
 def rank_table(report: dict[str, dict[str, int]]) -> str:

@@ -27,7 +27,7 @@ from .compact import adapter_tensors, rank_report
 from .export import export_peft, save_merged
 from .inject import inject, sora_modules
 from .optim import build_optimizer, gate_l1_penalty, set_sparse_lambda
-from .report import plot_rank_heatmap, rank_table, retained_fraction
+from .report import adapter_params, plot_rank_heatmap, rank_table, retained_fraction
 from .schedule import StageRecorder
 from .train_config import ConfigError, TrainConfig, load_config, save_config
 from .zero import gathered, sharding_report
@@ -336,7 +336,7 @@ def _read_lines(path: Path) -> list[str]:
 
 def _record_stage(stages, lambdas, step, lam, plain, shapes, model, mem_dl, eval_dl, accelerator) -> None:
     report = rank_report(plain)
-    nonzero = sum(r["kept"] * (shapes[n][0] + shapes[n][1] + 1) for n, r in report.items())
+    nonzero = adapter_params(report, shapes)
     mem = evaluate(model, mem_dl, accelerator)["token_accuracy"]
     gen = evaluate(model, eval_dl, accelerator)["token_accuracy"] if eval_dl is not None else math.nan
     stages.record(
