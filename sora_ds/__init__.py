@@ -1,23 +1,28 @@
-"""sora-ds: sparse low-rank adaptation (SoRA) for large language models."""
+"""sora-ds: sparse low-rank adaptation (SoRA) and AdaLoRA for large language models."""
 
 from .compact import compact, rank_report
-from .config import SoRAConfig
+from .adalora import RankAllocator
+from .config import AdaLoRAConfig, SoRAConfig
 from .export import export_peft, merge_adapters, save_merged
 from .inject import TargetError, gate_parameters, inject, sora_modules
 from .layer import SoRALinear
-from .optim import SoRAAdamW, build_optimizer, gate_l1_penalty, set_sparse_lambda
+from .optim import SoRAAdamW, adalora_budget, build_optimizer, gate_l1_penalty, set_sparse_lambda
+from .orthogonal import orth_loss
 from .prox import soft_threshold
 from .schedule import LambdaSchedule, StageRecorder
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoRAConfig",
     "LambdaSchedule",
+    "RankAllocator",
     "SoRAAdamW",
     "SoRAConfig",
     "SoRALinear",
     "StageRecorder",
     "TargetError",
+    "adalora_budget",
     "build_optimizer",
     "compact",
     "export_peft",
@@ -25,6 +30,7 @@ __all__ = [
     "gate_parameters",
     "inject",
     "merge_adapters",
+    "orth_loss",
     "rank_report",
     "save_merged",
     "set_sparse_lambda",

@@ -1,4 +1,4 @@
-"""Put SoRA branches into a transformers model, and find them again.
+"""Put SoRA or AdaLoRA branches into a transformers model, and find them again.
 
 Adapter parameters are always found through the :class:`SoRALinear` modules themselves, never by matching
 parameter names, so renames in transformers cannot silently drop a gate from the proximal step.
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .config import SoRAConfig
+from .config import AdapterConfig, AdaLoRAConfig
 from .layer import SoRALinear, module_generator
 
 
@@ -41,10 +41,12 @@ def _describe_linears(model: nn.Module) -> str:
     return f"its linear modules end in {suffixes} (e.g. {names[:3]})"
 
 
-def inject(model: nn.Module, config: SoRAConfig) -> list[str]:
+def inject(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Replace every targeted linear layer of ``model`` by a :class:`SoRALinear`, in place.
 
-    Freezes every other parameter except those of ``config.modules_to_save`` (e.g. a classification head).
+    ``config`` is a :class:`~sora_ds.SoRAConfig` or an :class:`~sora_ds.AdaLoRAConfig` (same layer, different
+    init; AdaLoRA layers also compute the orthogonality penalty). Freezes every other parameter except those of
+    ``config.modules_to_save`` (e.g. a classification head).
     Returns the adapted module names. Raises :class:`TargetError` if a target matches nothing.
     """
     if any(isinstance(m, SoRALinear) for m in model.modules()):
@@ -68,14 +70,16 @@ def inject(model: nn.Module, config: SoRAConfig) -> list[str]:
     to_save = _modules_to_save(model, config.modules_to_save)  # validated before the model is touched
     for p in model.parameters():
         p.requires_grad_(False)
+    orth = isinstance(config, AdaLoRAConfig) and config.orth_reg_weight > 0
     for name, module in chosen:
         wrapped = SoRALinear(
             module,
             r=config.r,
             scale=config.scale,
             lora_dropout=config.lora_dropout,
-            gate_init=config.gate_init,
+            init=config.layer_init,
             generator=module_generator(config.init_seed, name),
+            orth_penalty=orth,
         )
         replace_module(model, name, wrapped)
     for m in to_save:

@@ -1,9 +1,13 @@
-"""One AdamW optimizer for SoRA: ordinary param groups, plus a flagged gate group that gets a proximal step.
+"""One AdamW optimizer for SoRA and AdaLoRA: ordinary param groups, plus flagged groups with extra work per step.
 
 DeepSpeed accepts a single client optimizer, so the gates cannot have an optimizer of their own (as in the
 authors' code); they are a param group carrying ``sora_gate=True``, ``sparse_lambda`` and ``threshold_mode``.
 Under ZeRO, DeepSpeed calls :meth:`SoRAAdamW.step` with each group's ``params`` replaced by a flat fp32 shard:
 the soft threshold is element-wise, so it is exact on shards and needs no communication.
+
+AdaLoRA's Q, P and E form one group flagged ``adalora=True``, handed after each update to the optimizer's
+:class:`sora_ds.adalora.RankAllocator` (importance scores, global budget, masks), for the same reason: only there
+are the gradients and the fp32 master both at hand under ZeRO.
 """
 
 from __future__ import annotations
@@ -11,16 +15,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adalora import RankAllocator
+from .config import AdaLoRAConfig
 from .inject import branch_parameters, gate_parameters, sora_modules
 from .prox import THRESHOLD_MODES, soft_threshold_, threshold
 
 
 class SoRAAdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW`` followed, for groups flagged ``sora_gate``, by ``g <- soft_threshold(g, tau)``.
+    """``torch.optim.AdamW`` followed, for groups flagged ``sora_gate``, by ``g <- soft_threshold(g, tau)``, and for
+    a group flagged ``adalora``, by :meth:`RankAllocator.after_update` of ``rank_allocator``.
 
     ``tau`` follows the group's ``threshold_mode`` (see :mod:`sora_ds.prox`) using the group's current ``lr`` and
     ``sparse_lambda``; a scheduler changes ``sparse_lambda`` with :func:`set_sparse_lambda`.
     """
+
+    rank_allocator: RankAllocator | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -29,6 +38,8 @@ class SoRAAdamW(torch.optim.AdamW):
             if group.get("sora_gate"):
                 tau = threshold(group["lr"], group["sparse_lambda"], group["threshold_mode"])
                 soft_threshold_(group["params"], tau)
+            elif group.get("adalora") and group["params"]:  # ZeRO-3 steps one sub-group at a time
+                self.rank_allocator.after_update(self, group)
         return loss
 
 
@@ -51,10 +62,16 @@ def build_optimizer(
 ) -> SoRAAdamW:
     """A :class:`SoRAAdamW` over every trainable parameter of ``model``.
 
-    Groups: adapter A/B (with ``weight_decay``), other trainable parameters such as a classification head
+    Groups for SoRA: adapter A/B (with ``weight_decay``), other trainable parameters such as a classification head
     (``weight_decay`` on matrices only), and the gates (``weight_decay`` forced to 0: decay would fight the L1
-    shrink and is not part of SoRA's objective).
+    shrink and is not part of SoRA's objective). For a model injected with an :class:`~sora_ds.AdaLoRAConfig`
+    the adapter is one ``adalora`` group (Q, P, E with ``weight_decay``, as PEFT's AdaLoRA trains them) driven by a
+    :class:`~sora_ds.adalora.RankAllocator`; ``sparse_lambda``, ``threshold_mode`` and ``gate_learning_rate`` do
+    not apply.
     """
+    config = getattr(model, "sora_config", None)
+    if isinstance(config, AdaLoRAConfig):
+        return _build_adalora_optimizer(model, config, learning_rate, weight_decay, betas, eps)
     if threshold_mode not in THRESHOLD_MODES:
         raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
     if sparse_lambda < 0:
@@ -84,6 +101,31 @@ def build_optimizer(
     # foreach: one batched kernel per op over all tensors (torch picks it on CUDA already, not on CPU), which
     # matters here because SoRA adds many tiny gate tensors.
     return SoRAAdamW(groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+
+
+def _build_adalora_optimizer(model, config, learning_rate, weight_decay, betas, eps) -> SoRAAdamW:
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+    allocator = RankAllocator(list(sora_modules(model)), config)
+    adapter = allocator.parameters()
+    adapter_ids = {id(p) for p in adapter}
+    other = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
+    groups = [
+        {"params": adapter, "weight_decay": weight_decay, "adalora": True},
+        {"params": [p for p in other if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in other if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = SoRAAdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps, foreach=True)
+    optimizer.rank_allocator = allocator
+    return optimizer
+
+
+def adalora_budget(optimizer: torch.optim.Optimizer) -> int | None:
+    """The current AdaLoRA triplet budget (None for SoRA), through accelerate's and DeepSpeed's wrappers."""
+    while not isinstance(optimizer, SoRAAdamW) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    allocator = getattr(optimizer, "rank_allocator", None)
+    return None if allocator is None else allocator.budget
 
 
 def gate_l1_penalty(model: nn.Module, gate_l1: float) -> torch.Tensor | float:

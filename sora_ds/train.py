@@ -1,4 +1,5 @@
-"""The shared training entry behind every recipe script: config -> data -> model -> SoRA -> accelerate loop -> outputs.
+"""The shared training entry behind every recipe script: config -> data -> model -> SoRA or AdaLoRA -> accelerate
+loop -> outputs (the same outputs for both methods).
 
 Outputs in ``output_dir``: ``config.yaml`` (resolved config), ``metrics.jsonl``, ``summary.json``,
 ``rank_heatmap.png``, ``adapter/`` (PEFT LoRA export), ``base_model/`` (when the base was built from a config),
@@ -26,7 +27,8 @@ from .checkpoint import keep_trainable_only, load_checkpoint, resolve_checkpoint
 from .compact import adapter_tensors, rank_report
 from .export import export_peft, save_merged
 from .inject import inject, sora_modules
-from .optim import build_optimizer, gate_l1_penalty, set_sparse_lambda
+from .optim import adalora_budget, build_optimizer, gate_l1_penalty, set_sparse_lambda
+from .orthogonal import orth_loss
 from .report import adapter_params, plot_rank_heatmap, rank_table, retained_fraction
 from .schedule import StageRecorder
 from .train_config import ConfigError, TrainConfig, load_config, save_config
@@ -169,8 +171,12 @@ def run(cfg: TrainConfig) -> dict:
     return train(cfg)[1]
 
 
-def train(cfg: TrainConfig):
-    """Train and write the outputs; returns ``(model with its SoRA layers, summary)``."""
+def train(cfg: TrainConfig, on_step=None):
+    """Train and write the outputs; returns ``(model with its adapter layers, summary)``.
+
+    ``on_step(step, model, optimizer)``, if given, runs on every rank after each optimizer step (``model`` and
+    ``optimizer`` as accelerate prepared them); tests use it to look into the ZeRO state mid-run.
+    """
     started = time.perf_counter()
     accelerator = build_accelerator(cfg)
     out = Path(cfg.output_dir)
@@ -202,7 +208,7 @@ def train(cfg: TrainConfig):
     if cfg.gradient_checkpointing:
         # Non-reentrant: correct with a frozen base (no inputs needing grad) and under ZeRO-3.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    inject(model, cfg.sora_config())
+    inject(model, cfg.adapter_config())
     shapes = {n: (m.in_features, m.out_features) for n, m in sora_modules(model)}
     lambdas = cfg.lambda_schedule_obj()
     optimizer = build_optimizer(
@@ -242,7 +248,8 @@ def train(cfg: TrainConfig):
     trainable = [p for p in model.parameters() if p.requires_grad]
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=loop["step"], disable=not accelerator.is_local_main_process, desc="sora")
+    bar = tqdm(total=cfg.max_steps, initial=loop["step"], disable=not accelerator.is_local_main_process, desc=cfg.method)
+    orth_weight = cfg.orth_reg_weight if cfg.method == "adalora" else 0.0
     model.train()
     train_started = time.perf_counter()
     window_loss, window_n = 0.0, 0
@@ -258,7 +265,8 @@ def train(cfg: TrainConfig):
         for batch in micro:
             with accelerator.accumulate(model):
                 loss = model(**batch, num_items_in_batch=n_items).loss
-                accelerator.backward(loss * undo_means + gate_l1_penalty(plain, cfg.gate_l1))
+                # The penalties are per optimizer step: backward's 1/accumulation and the ranks' mean undo each other.
+                accelerator.backward(loss * undo_means + gate_l1_penalty(plain, cfg.gate_l1) + orth_loss(plain, orth_weight))
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()
@@ -270,14 +278,12 @@ def train(cfg: TrainConfig):
         loop["step"], loop["micro_batches"] = step + 1, loop["micro_batches"] + len(micro)
         bar.update(1)
         done = step + 1
+        if on_step is not None:
+            on_step(done, model, optimizer)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            record = {
-                "step": done,
-                "loss": window_loss / window_n,
-                "lr": lr_scheduler.get_last_lr()[0],
-                "lambda": lam,
-                "active_ranks": sum(r["kept"] for r in rank_report(plain).values()),
-            }
+            record = {"step": done, "loss": window_loss / window_n, "lr": lr_scheduler.get_last_lr()[0]}
+            record.update({"budget": adalora_budget(optimizer)} if cfg.method == "adalora" else {"lambda": lam})
+            record["active_ranks"] = sum(r["kept"] for r in rank_report(plain).values())
             window_loss, window_n = 0.0, 0
             if cfg.eval_every and eval_dl is not None and done % cfg.eval_every == 0:
                 record["eval_loss"] = evaluate(model, eval_dl, accelerator)["loss"]
@@ -297,6 +303,7 @@ def train(cfg: TrainConfig):
     report = rank_report(plain)
     export_peft(plain, out / "adapter", base_model_name_or_path=cfg.model_name_or_path or str((out / "base_model").resolve()))
     summary = {
+        "method": cfg.method,
         "initial_ranks": {n: r["initial"] for n, r in report.items()},
         "kept_ranks": {n: r["kept"] for n, r in report.items()},
         "total_initial_ranks": sum(r["initial"] for r in report.values()),

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import GATE_INITS, SoRAConfig
+from .config import GATE_INITS, AdaLoRAConfig, AdapterConfig, SoRAConfig
 from .prox import THRESHOLD_MODES
 from .schedule import LAMBDA_SCHEDULES, LambdaSchedule
 
@@ -41,6 +41,7 @@ TINY_LLAMA = {
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+METHODS = ("sora", "adalora")
 
 
 class ConfigError(ValueError):
@@ -61,12 +62,21 @@ class TrainConfig:
     eval_size: float = 0.1  # fraction in (0, 1) or a count of examples
     max_length: int = 128
     # --- adapter ---
+    method: str = "sora"  # "sora" or "adalora"
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
-    r: int = 8
+    r: int = 8  # start rank (AdaLoRA: the initial rank of every matrix)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     gate_init: str = "normal"
-    # --- sparsity ---
+    # --- AdaLoRA (method: adalora); steps are optimizer steps, the schedule ends at max_steps ---
+    target_r: int = 8  # average rank the global budget decreases to
+    t_init: int = 0  # steps at the full budget before pruning starts
+    t_final: int = 0  # last steps with the final mask fixed
+    delta_t: int = 1  # steps between re-allocations
+    importance_beta1: float = 0.85  # sensitivity smoothing
+    importance_beta2: float = 0.85  # uncertainty smoothing
+    orth_reg_weight: float = 0.5  # orthogonality penalty on P and Q
+    # --- sparsity (method: sora) ---
     sparse_lambda: float = 1.0
     threshold_mode: str = "lr_scaled"
     lambda_schedule: str = "constant"
@@ -99,6 +109,7 @@ class TrainConfig:
     deepspeed_config: str | None = None  # DeepSpeed JSON, for launchers other than `accelerate launch`
 
     def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
         _check_choice("torch_dtype", self.torch_dtype, DTYPES)
         _check_choice("gate_init", self.gate_init, GATE_INITS)
         _check_choice("threshold_mode", self.threshold_mode, THRESHOLD_MODES)
@@ -119,23 +130,37 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.model_name_or_path is None and not self.model_config:
             raise ConfigError("model_config must be a non-empty mapping when model_name_or_path is null")
+        if self.method == "adalora" and (self.sparsify_stages or self.gate_l1):
+            raise ConfigError(
+                f"sparsify_stages={self.sparsify_stages} / gate_l1={self.gate_l1} are SoRA settings; with method: "
+                "adalora set them to 0 (the budget schedule t_init / t_final / delta_t / target_r prunes instead)"
+            )
         self.bnb_config()
         # Reuse the library's own validation, re-raised under the recipe keys.
         try:
-            self.sora_config()
+            self.adapter_config()
             self.lambda_schedule_obj()
         except ValueError as e:
-            raise ConfigError(str(e).replace("SoRAConfig.", "")) from None
+            message = str(e).replace("SoRAConfig.", "").replace("AdaLoRAConfig.", "").replace("AdaLoRAConfig: ", "")
+            raise ConfigError(message.replace("total_step", "max_steps")) from None
 
-    def sora_config(self) -> SoRAConfig:
-        return SoRAConfig(
-            r=self.r,
-            lora_alpha=self.lora_alpha,
-            target_modules=self.target_modules,
-            lora_dropout=self.lora_dropout,
-            gate_init=self.gate_init,
-            init_seed=self.seed,
-        )
+    def adapter_config(self) -> AdapterConfig:
+        """The library config for ``method``: a :class:`SoRAConfig` or an :class:`AdaLoRAConfig` ending at max_steps."""
+        common = dict(r=self.r, lora_alpha=self.lora_alpha, target_modules=self.target_modules,
+                      lora_dropout=self.lora_dropout, init_seed=self.seed)
+        if self.method == "adalora":
+            return AdaLoRAConfig(
+                **common,
+                target_r=self.target_r,
+                t_init=self.t_init,
+                t_final=self.t_final,
+                delta_t=self.delta_t,
+                total_step=self.max_steps,
+                importance_beta1=self.importance_beta1,
+                importance_beta2=self.importance_beta2,
+                orth_reg_weight=self.orth_reg_weight,
+            )
+        return SoRAConfig(**common, gate_init=self.gate_init)
 
     def lambda_schedule_obj(self) -> LambdaSchedule:
         return LambdaSchedule(

@@ -1,0 +1,69 @@
+"""AdaLoRA's orthogonality penalty ``||Q Q^T - I||_F + ||P^T P - I||_F``, computed inside the layer's forward.
+
+Why inside the forward, and why a custom autograd function: under ZeRO-3 a module's adapter is whole only while
+the module runs; a penalty computed afterwards (as PEFT does, with one gather per matrix per step) pays a collective
+per parameter. Computed in the forward it costs nothing extra to gather, but its backward must also run while the
+adapter is gathered again. DeepSpeed re-gathers a module's parameters when the gradient reaches the module's
+*output*; so the penalty is made an extra output of the same autograd node that passes the layer output through,
+and its backward runs only once that output's gradient has arrived, with the parameters present.
+
+The gradient is analytic: for ``M = Q Q^T - I`` (symmetric), ``d||M||_F / dQ = 2 M Q / ||M||_F``; for
+``N = P^T P - I``, ``d||N||_F / dP = 2 P N / ||N||_F``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _gram_residual(x: torch.Tensor) -> torch.Tensor:
+    """``x x^T - I`` for Q (r x in); pass ``P^T`` for P."""
+    gram = x @ x.transpose(0, 1)
+    return gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+
+class _OrthPenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, lora_A, lora_B):
+        a, b = lora_A.detach().float(), lora_B.detach().float()
+        m, n = _gram_residual(a), _gram_residual(b.transpose(0, 1))
+        m_norm, n_norm = torch.linalg.matrix_norm(m), torch.linalg.matrix_norm(n)
+        ctx.save_for_backward(lora_A, lora_B)
+        return out.view_as(out), (m_norm + n_norm).to(out.dtype if out.is_floating_point() else torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_pen):
+        lora_A, lora_B = ctx.saved_tensors
+        grad_a = grad_b = None
+        if grad_pen is not None:
+            a, b = lora_A.detach().float(), lora_B.detach().float()
+            m, n = _gram_residual(a), _gram_residual(b.transpose(0, 1))
+            m_norm, n_norm = torch.linalg.matrix_norm(m), torch.linalg.matrix_norm(n)
+            g = grad_pen.float()
+            grad_a = (g * 2 * (m @ a) / m_norm.clamp_min(1e-12)).to(lora_A.dtype)
+            grad_b = (g * 2 * (b @ n) / n_norm.clamp_min(1e-12)).to(lora_B.dtype)
+        return grad_out, grad_a, grad_b
+
+
+def with_orth_penalty(out: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor):
+    """``(out, penalty)``: ``out`` unchanged, and the differentiable penalty of this module's Q (``lora_A``) and P
+    (``lora_B``)."""
+    return _OrthPenalty.apply(out, lora_A, lora_B)
+
+
+def orth_loss(model: nn.Module, weight: float) -> torch.Tensor | float:
+    """``weight * mean over adapted matrices`` of the penalties left by the last training forward (P and Q count as
+    two matrices each, as in PEFT), to add to the loss before backward. Clears them, so a forward is counted once."""
+    from .inject import sora_modules
+
+    pens, n = [], 0
+    for _, m in sora_modules(model):
+        if m.orth_penalty:
+            n += 2
+            if m.last_orth is not None:
+                pens.append(m.last_orth)
+                m.last_orth = None
+    if weight == 0 or not pens:
+        return 0.0
+    return weight * torch.stack([p.float() for p in pens]).sum() / n
