@@ -89,8 +89,11 @@ class RankAllocator:
                     optimizer.state[t].pop(key, None)
         self.budget = budget if step > self.schedule.t_init else self.schedule.initial_budget
         for t in tensors:
-            pruned = optimizer.state[t].get("adalora_pruned")
+            state = optimizer.state[t]
+            pruned = state.get("adalora_pruned")
             if pruned is not None:
+                if pruned.dtype != torch.bool:  # torch's load_state_dict casts state to the parameter's dtype
+                    pruned = state["adalora_pruned"] = pruned.bool()
                 t.masked_fill_(pruned, 0.0)
 
     def _update_importance(self, optimizer, tensors: list[torch.Tensor]) -> None:

@@ -120,11 +120,16 @@ def _build_adalora_optimizer(model, config, learning_rate, weight_decay, betas, 
     return optimizer
 
 
-def adalora_budget(optimizer: torch.optim.Optimizer) -> int | None:
-    """The current AdaLoRA triplet budget (None for SoRA), through accelerate's and DeepSpeed's wrappers."""
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The :class:`SoRAAdamW` inside accelerate's and DeepSpeed's optimizer wrappers."""
     while not isinstance(optimizer, SoRAAdamW) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
-    allocator = getattr(optimizer, "rank_allocator", None)
+    return optimizer
+
+
+def adalora_budget(optimizer: torch.optim.Optimizer) -> int | None:
+    """The current AdaLoRA triplet budget (None for SoRA), through accelerate's and DeepSpeed's wrappers."""
+    allocator = getattr(unwrap_optimizer(optimizer), "rank_allocator", None)
     return None if allocator is None else allocator.budget
 
 

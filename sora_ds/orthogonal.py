@@ -17,6 +17,11 @@ import torch
 from torch import nn
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16 adapters under ZeRO-3), float64 kept."""
+    return x.detach().to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _gram_residual(x: torch.Tensor) -> torch.Tensor:
     """``x x^T - I`` for Q (r x in); pass ``P^T`` for P."""
     gram = x @ x.transpose(0, 1)
@@ -26,7 +31,7 @@ def _gram_residual(x: torch.Tensor) -> torch.Tensor:
 class _OrthPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, lora_A, lora_B):
-        a, b = lora_A.detach().float(), lora_B.detach().float()
+        a, b = _wide(lora_A), _wide(lora_B)
         m, n = _gram_residual(a), _gram_residual(b.transpose(0, 1))
         m_norm, n_norm = torch.linalg.matrix_norm(m), torch.linalg.matrix_norm(n)
         ctx.save_for_backward(lora_A, lora_B)
@@ -37,10 +42,10 @@ class _OrthPenalty(torch.autograd.Function):
         lora_A, lora_B = ctx.saved_tensors
         grad_a = grad_b = None
         if grad_pen is not None:
-            a, b = lora_A.detach().float(), lora_B.detach().float()
+            a, b = _wide(lora_A), _wide(lora_B)
             m, n = _gram_residual(a), _gram_residual(b.transpose(0, 1))
             m_norm, n_norm = torch.linalg.matrix_norm(m), torch.linalg.matrix_norm(n)
-            g = grad_pen.float()
+            g = grad_pen.to(a.dtype)
             grad_a = (g * 2 * (m @ a) / m_norm.clamp_min(1e-12)).to(lora_A.dtype)
             grad_b = (g * 2 * (b @ n) / n_norm.clamp_min(1e-12)).to(lora_B.dtype)
         return grad_out, grad_a, grad_b

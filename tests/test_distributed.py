@@ -1,4 +1,4 @@
-"""SoRA under DeepSpeed ZeRO-2/3 on 2 CPU ranks (gloo), launched exactly as the README says.
+"""SoRA and AdaLoRA under DeepSpeed ZeRO-2/3 on 2 CPU ranks (gloo), launched exactly as the README says.
 
 ZeRO-3 runs use tests/data/zero3_sharded.json (`stage3_param_persistence_threshold: 0`) so that every adapter
 tensor and gate of the tiny model is really split across the ranks (checked from the run's summary); with the
@@ -90,9 +90,9 @@ def runs(tmp_path_factory):
             "single_4bit": single_4bit, "zero3_4bit": zero3_4bit}
 
 
-def assert_same_training(a: Path, b: Path, rtol: float) -> None:
+def assert_same_training(a: Path, b: Path, rtol: float, steps: int = STEPS) -> None:
     la, lb = losses(a), losses(b)
-    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+    assert sorted(la) == sorted(lb) == list(range(1, steps + 1))
     for step in la:
         assert abs(la[step] - lb[step]) <= rtol * abs(la[step]), (step, la[step], lb[step])
     sa, sb = summary(a), summary(b)
@@ -182,3 +182,75 @@ def test_deepspeed_launcher_with_deepspeed_config_key(runs, tmp_path):
     s = summary(out)
     assert (s["zero_stage"], s["num_processes"]) == (3, 2)
     assert_same_training(runs["single"], out, rtol=1e-4)
+
+
+# AdaLoRA: 12 steps, full budget for 2, cubic decrease re-allocated every 2 steps, final mask from step 8.
+ADALORA = "recipes/llama_adalora.py"
+ADALORA_STEPS = 12
+ADALORA_SCHEDULE = ["--max_steps", str(ADALORA_STEPS), "--t_init", "2", "--t_final", "4", "--delta_t", "2",
+                    "--learning_rate", "2e-3", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def adalora_runs(runs):
+    """AdaLoRA on one process and on 2 ranks under ZeRO-3 (through tests/scripts/adalora_master_check.py: the
+    recipe plus a look into the fp32 master after every step), ZeRO-2, and 4-bit under ZeRO-3; same base."""
+    root, base = runs["root"], runs["base"]
+
+    def args(out: Path, per_device: int, *extra: str) -> list[str]:
+        return [*ADALORA_SCHEDULE, "--output_dir", str(out), "--model_name_or_path", base,
+                "--per_device_train_batch_size", str(per_device), *extra]
+
+    def zero(config: str, script: str, out: Path, *extra: str) -> None:
+        sharded = ["--deepspeed_config_file", SHARDED] if config.endswith("zero3.yaml") else []
+        run([ACCELERATE, "launch", "--config_file", config, *sharded, "--num_processes", "2", "--main_process_port",
+             str(free_port()), script, *args(out, 4, *extra)])
+
+    q4 = ["--quantization", QUANT_4BIT]
+    out = {name: root / f"adalora_{name}" for name in ("single", "zero3", "zero2", "single_4bit", "zero3_4bit")}
+    run([sys.executable, ADALORA, *args(out["single"], 8)])
+    zero("launch/accelerate/zero3.yaml", "tests/scripts/adalora_master_check.py", out["zero3"])
+    zero("launch/accelerate/zero2.yaml", ADALORA, out["zero2"])
+    run([sys.executable, ADALORA, *args(out["single_4bit"], 8, *q4)])
+    zero("launch/accelerate/zero3.yaml", ADALORA, out["zero3_4bit"], *q4)
+    return out
+
+
+def assert_same_allocation(a: Path, b: Path) -> None:
+    """Same per-step losses and budgets, the same surviving triplets module by module, the same exported adapter."""
+    assert_same_training(a, b, rtol=1e-4, steps=ADALORA_STEPS)
+    ra, rb = (list(map(json.loads, (o / "metrics.jsonl").read_text().splitlines())) for o in (a, b))
+    assert [(r["budget"], r["active_ranks"]) for r in ra] == [(r["budget"], r["active_ranks"]) for r in rb]
+    s = summary(a)
+    assert s["method"] == "adalora"
+    assert s["total_kept_ranks"] == 8 * len(s["kept_ranks"])  # the global budget: an average rank of 8
+    assert len(set(s["kept_ranks"].values())) > 1  # spread unevenly over the matrices
+
+
+def test_adalora_zero3_two_ranks_allocates_as_one_process(adalora_runs):
+    assert_same_allocation(adalora_runs["single"], adalora_runs["zero3"])
+    s = summary(adalora_runs["zero3"])
+    assert (s["zero_stage"], s["num_processes"]) == (3, 2)
+    assert 0.4 < s["adapter_elements_on_rank"] / s["adapter_elements"] < 0.6  # P, Q and E really split
+
+
+def test_adalora_masks_stick_in_the_zero3_fp32_master(adalora_runs):
+    """After every optimizer step, every pruned E is exactly zero in DeepSpeed's fp32 master (so the next step
+    starts from it, not from a revived value), and from the final allocation on exactly the budget survives."""
+    records = [json.loads(line) for line in (adalora_runs["zero3"] / "master_check.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, ADALORA_STEPS + 1))
+    assert all(r["pruned_nonzero_in_master"] == 0 for r in records)
+    assert max(r["pruned"] for r in records) > 0
+    final = [r for r in records if r["step"] >= ADALORA_STEPS - 4]
+    assert all(r["kept_nonzero_in_master"] == r["budget"] == 8 * 14 for r in final)
+
+
+def test_adalora_zero2_two_ranks_allocates_as_one_process(adalora_runs):
+    assert_same_allocation(adalora_runs["single"], adalora_runs["zero2"])
+    assert summary(adalora_runs["zero2"])["zero_stage"] == 2
+
+
+def test_adalora_4bit_zero3_two_ranks_allocates_as_4bit_one_process(adalora_runs):
+    assert_same_allocation(adalora_runs["single_4bit"], adalora_runs["zero3_4bit"])
+    two = summary(adalora_runs["zero3_4bit"])
+    assert 0.45 < two["base_bytes_on_rank"] / two["base_bytes"] < 0.55
