@@ -1,4 +1,4 @@
-"""SoRA inside the transformers ``Trainer`` (and subclasses such as TRL's ``SFTTrainer``).
+"""SoRA and AdaLoRA inside the transformers ``Trainer`` (and subclasses such as TRL's ``SFTTrainer``).
 
     from sora_ds import SoRAConfig, LambdaSchedule, inject
     from sora_ds.hf_trainer import SoRATrainer, SoRATrainerMixin
@@ -12,9 +12,15 @@
 
     class SoRASFTTrainer(SoRATrainerMixin, trl.SFTTrainer): ...   # the same for TRL
 
-The mixin only replaces ``create_optimizer`` (the Trainer's optimizer becomes :class:`sora_ds.SoRAAdamW` with the
-gates as their flagged group) and sets lambda before every optimizer step; everything else, DeepSpeed included, is
-the Trainer's own. The proximal step runs inside the optimizer, so it is correct under ZeRO as in the recipe.
+    inject(model, AdaLoRAConfig(r=12, target_r=8, t_init=100, t_final=300, delta_t=10, total_step=1000))
+    trainer = SoRATrainer(model=model, args=training_args, ...)     # AdaLoRA: the same trainer, no schedule args
+
+The mixin replaces ``create_optimizer`` (the Trainer's optimizer becomes :class:`sora_ds.SoRAAdamW`: the gates as
+their flagged group, or for AdaLoRA the adapter with its rank allocator), sets lambda before every optimizer step
+(SoRA) and adds AdaLoRA's orthogonality penalty to the loss; everything else, DeepSpeed included, is the Trainer's
+own. The proximal step and the rank allocation run inside the optimizer, so they are correct under ZeRO as in the
+recipe, and AdaLoRA needs no ``update_and_allocate`` call. AdaLoRA's ``total_step`` should equal the Trainer's
+``max_steps`` (optimizer steps).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from __future__ import annotations
 from transformers import Trainer, TrainerCallback
 
 from .compact import rank_report
-from .optim import build_optimizer, set_sparse_lambda
+from .config import AdaLoRAConfig
+from .optim import adalora_budget, build_optimizer, set_sparse_lambda
+from .orthogonal import orth_loss
 from .schedule import LambdaSchedule
 
 
@@ -53,9 +61,32 @@ class SoRATrainerMixin:
         # Here rather than in a callback: Trainer records log_history before callbacks see the logs. Every rank
         # logs, so the (ZeRO-3: batched, collective) gate gather in rank_report is entered by all of them.
         if "loss" in logs:
-            logs["lambda"] = self.sora_schedule(self.state.global_step)
+            if self._adalora_config() is not None:
+                logs["budget"] = adalora_budget(self.optimizer)
+            else:
+                logs["lambda"] = self.sora_schedule(self.state.global_step)
             logs["active_ranks"] = sum(r["kept"] for r in rank_report(self.model).values())
         super().log(logs, *args, **kwargs)
+
+    def _adalora_config(self) -> AdaLoRAConfig | None:
+        config = getattr(self.model, "sora_config", None)
+        return config if isinstance(config, AdaLoRAConfig) else None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        config = self._adalora_config()
+        if config is None or not model.training:
+            return result
+        # The penalty counts once per optimizer step. The Trainer divides a micro-batch's loss by the accumulation
+        # steps unless the loss was already normalised over the whole step (num_items_in_batch); ranks are averaged.
+        scaled = self.loss_is_scaled_for_ga if getattr(self, "loss_is_scaled_for_ga", None) is not None else (
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+        weight = config.orth_reg_weight / (self.current_gradient_accumulation_steps if scaled else 1)
+        penalty = orth_loss(self.model, weight)
+        if return_outputs:
+            loss, outputs = result
+            return loss + penalty, outputs
+        return result + penalty
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -73,4 +104,4 @@ class SoRATrainerMixin:
 
 
 class SoRATrainer(SoRATrainerMixin, Trainer):
-    """``transformers.Trainer`` training SoRA adapters."""
+    """``transformers.Trainer`` training SoRA or AdaLoRA adapters."""

@@ -46,3 +46,73 @@ def test_trainer_trains_sora_with_schedule(tmp_path):
     assert 0 < sum(r["kept"] for r in report.values()) < sum(r["initial"] for r in report.values())
     assert logs[-1]["active_ranks"] == sum(r["kept"] for r in report.values())
     assert result.training_loss < 8.0
+
+
+def tiny_model_and_data():
+    tok = build_byte_tokenizer()
+    train_ds, _ = build_datasets(None, tok, 128, 0, 0)
+    cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **cfg))
+    return tok, train_ds, model
+
+
+ADALORA = dict(r=6, target_r=3, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"], t_init=2,
+               t_final=4, delta_t=2, total_step=12, init_seed=0)
+
+
+def train_adalora_with_trainer(tmp_path, batch: int, accumulation: int):
+    tok, train_ds, model = tiny_model_and_data()
+    sora_ds.inject(model, sora_ds.AdaLoRAConfig(**ADALORA))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accumulation, learning_rate=1e-2, logging_steps=6,
+                             report_to=[], use_cpu=True, save_strategy="no", lr_scheduler_type="constant", seed=0,
+                             dataloader_drop_last=True)
+    trainer = SoRATrainer(model=model, args=args, train_dataset=train_ds,
+                          data_collator=functools.partial(collate, pad_token_id=tok.pad_token_id))
+    trainer.train()
+    return trainer
+
+
+def test_trainer_trains_adalora_counting_optimizer_steps(tmp_path):
+    """AdaLoRA in the Trainer: no update_and_allocate call; 12 optimizer steps of 2 x 4 accumulated equal 12 steps
+    of 8 (the schedule counts optimizer steps; the orthogonality penalty counts once per step), and the final
+    budget (3 per matrix on average) is reached."""
+    accumulated = train_adalora_with_trainer(tmp_path / "acc", batch=4, accumulation=2)
+    whole = train_adalora_with_trainer(tmp_path / "whole", batch=8, accumulation=1)
+    inner = accumulated.optimizer.optimizer if hasattr(accumulated.optimizer, "optimizer") else accumulated.optimizer
+    assert isinstance(inner, sora_ds.SoRAAdamW)
+    assert [g["adalora_step"] for g in inner.param_groups if g.get("adalora")] == [12]
+    report = sora_ds.rank_report(accumulated.model)
+    assert sum(r["kept"] for r in report.values()) == 3 * len(report)
+    assert report == sora_ds.rank_report(whole.model)
+    for (_, a), (_, b) in zip(sora_ds.sora_modules(accumulated.model), sora_ds.sora_modules(whole.model)):
+        torch.testing.assert_close(a.gate, b.gate, rtol=1e-4, atol=1e-5)
+    logs = [h for h in accumulated.state.log_history if "budget" in h]
+    assert [h["budget"] for h in logs] == [sora_ds.budget.BudgetSchedule(6, 3, 6, 2, 4, 12, 2)(s)[0] for s in (6, 12)]
+
+
+def test_trl_sft_trainer_with_the_mixin_trains_sora(tmp_path):
+    """TRL's SFTTrainer with SoRATrainerMixin in front, on TRL's own data path (pre-tokenized prompt-completion
+    data, loss on the completion tokens via ``completion_mask``, TRL's collator): the SoRA optimizer, lambda
+    schedule and pruning work unchanged."""
+    trl = pytest.importorskip("trl")
+    from sora_ds.hf_trainer import SoRATrainerMixin
+
+    class SoRASFTTrainer(SoRATrainerMixin, trl.SFTTrainer):
+        pass
+
+    tok, train_ds, model = tiny_model_and_data()
+    train_ds = train_ds.map(lambda e: {"completion_mask": [int(label != -100) for label in e["labels"]]},
+                            remove_columns=["labels", "attention_mask"])
+    sora_ds.inject(model, sora_ds.SoRAConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_seed=0))
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=8, learning_rate=1e-2,
+                         logging_steps=10, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+                         lr_scheduler_type="constant", max_length=128)
+    trainer = SoRASFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok, sora_schedule=2.0)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "active_ranks" in h]
+    assert [h["lambda"] for h in logs] == [2.0, 2.0]
+    report = sora_ds.rank_report(trainer.model)
+    assert 0 < sum(r["kept"] for r in report.values()) < sum(r["initial"] for r in report.values())
+    assert logs[-1]["loss"] < logs[0]["loss"]
