@@ -254,3 +254,19 @@ def test_adalora_4bit_zero3_two_ranks_allocates_as_4bit_one_process(adalora_runs
     assert_same_allocation(adalora_runs["single_4bit"], adalora_runs["zero3_4bit"])
     two = summary(adalora_runs["zero3_4bit"])
     assert 0.45 < two["base_bytes_on_rank"] / two["base_bytes"] < 0.55
+
+
+def test_trainer_adalora_zero3_two_ranks_equals_one_process(tmp_path):
+    """SoRATrainer (transformers Trainer) with AdaLoRA under ZeRO-3 on 2 ranks (torchrun, the Trainer's own
+    DeepSpeed integration) against the same script on one process: same losses, budgets and surviving triplets."""
+    script = "tests/scripts/trainer_adalora.py"
+    run([sys.executable, script, str(tmp_path / "one"), "8"])
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), script, str(tmp_path / "two"), "4",
+         SHARDED])
+    one, two = (json.loads((tmp_path / name / "result.json").read_text()) for name in ("one", "two"))
+    assert len(one["losses"]) == 10
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-5)
+    assert two["budgets"] == one["budgets"] and one["budgets"][-1] == 12
+    assert two["kept"] == one["kept"] and sum(one["kept"].values()) == 12
+    assert 0.4 < two["adapter_elements_on_rank"] / two["adapter_elements"] < 0.6
