@@ -16,32 +16,36 @@ pytestmark = pytest.mark.recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "recipes").rglob("*.yaml"))
-# config folder -> (entry script, transformers model_type of that family)
-FAMILIES = {
-    "llama": ("llama_sora.py", "llama"),
-    "smollm2": ("llama_sora.py", "llama"),
-    "mistral": ("mistral_sora.py", "mistral"),
-    "qwen": ("qwen_sora.py", "qwen2"),
-}
+# config folder -> transformers model_type of that family
+FAMILIES = {"llama": "llama", "smollm2": "llama", "mistral": "mistral", "qwen": "qwen2"}
+
+
+def entry_script(config: Path) -> Path:
+    """The recipe script the config's ``# Launch:`` lines start (its defaults are the config's base layer); the
+    launch scripts (``launch/*.sh``, ``slurm.sbatch``) start ``recipes/llama_sora.py`` unless given ``--recipe``."""
+    launch = "\n".join(line for line in config.read_text().splitlines() if line.startswith("# Launch:"))
+    found = re.search(r"recipes/\w+\.py", launch)
+    return REPO / (found.group(0) if found else "recipes/llama_sora.py")
 
 
 def family_defaults(config: Path) -> dict:
     import runpy
 
-    script = REPO / "recipes" / FAMILIES[config.parent.name][0]
-    return runpy.run_path(str(script), run_name="recipe")["FAMILY_DEFAULTS"]
+    return runpy.run_path(str(entry_script(config)), run_name="recipe")["FAMILY_DEFAULTS"]
 
 
 def tiny_overrides(config: Path, out: Path) -> list[str]:
     """Same targets, ranks, sparsity and quantization; tiny dims, built-in data, CPU precision, two steps."""
     raw = yaml.safe_load(config.read_text())
-    tiny = {**TINY_LLAMA, "model_type": FAMILIES[config.parent.name][1]}
+    tiny = {**TINY_LLAMA, "model_type": FAMILIES[config.parent.name]}
     args = ["--model_name_or_path", "null", "--model_config", yaml.safe_dump(tiny, default_flow_style=True),
             "--tokenizer_name_or_path", "null", "--dataset", "null", "--max_length", "128",
             "--torch_dtype", "float32", "--mixed_precision", "no", "--max_steps", "2", "--log_every", "1",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--eval_size", "0.05",
             "--save_every", "0", "--eval_every", "0", "--warmup_steps", "0", "--gradient_checkpointing", "false",
             "--output_dir", str(out)]
+    if {**family_defaults(config), **raw}.get("method") == "adalora":  # the budget schedule, squeezed into 2 steps
+        args += ["--t_init", "0", "--t_final", "0", "--delta_t", "1"]
     if raw.get("quantization"):
         q = {**raw["quantization"], "bnb_4bit_compute_dtype": "float32"}
         if q.get("bnb_4bit_quant_storage"):
@@ -55,9 +59,13 @@ def test_shipped_config_runs_two_steps_on_a_tiny_model(config, tmp_path):
     assert config.parent.name in FAMILIES, f"{config}: config folder is not a known model family"
     defaults = family_defaults(config)
     load_config(["--config", str(config)], defaults)  # valid as shipped: known keys, right types
-    _, summary = train(load_config(["--config", str(config), *tiny_overrides(config, tmp_path)], defaults))
+    cfg = load_config(["--config", str(config), *tiny_overrides(config, tmp_path)], defaults)
+    _, summary = train(cfg)
     assert summary["steps"] == 2
     assert summary["total_initial_ranks"] > 0
+    assert summary["method"] == cfg.method
+    if cfg.method == "adalora":  # the 2-step schedule ends on the target budget
+        assert summary["total_kept_ranks"] == cfg.target_r * len(summary["kept_ranks"])
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
