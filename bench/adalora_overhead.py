@@ -22,7 +22,9 @@ What it measures (one run, the arms of each part side by side)
        to other work competing for the CPU). With ``--parts`` (default on CPU) it also prints the time of the
        AdaLoRA bookkeeping of each AdaLoRA arm per step: the importance-score update, the allocation (triplet
        scores, global top-b, masks) and their total (sora-ds: ``RankAllocator.after_update``, including the
-       re-masking of pruned E after every update; PEFT: ``update_and_allocate``).
+       re-masking of pruned E after every update; PEFT: ``update_and_allocate``). ``--phases`` also splits each
+       step into forward (with the orthogonality penalty), backward and optimizer (with the AdaLoRA bookkeeping and
+       ``zero_grad``); on CUDA this adds synchronisations inside the step, so the totals then include them.
     2. ZeRO-3, 2 ranks. sora-ds AdaLoRA against PEFT LoRA as above, both as DeepSpeed ZeRO-3 engines: a step is
        ``loss = engine(x, labels=x).loss (+ orth_loss(engine.module, 0.5)); engine.backward(loss);
        engine.step()``; sora-ds's ``SoRAAdamW`` (from ``build_optimizer``) and torch's AdamW are the client
@@ -142,6 +144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--warmup", type=int, default=3, help="untimed steps per arm before the first repeat (>= 1)")
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--zero3-steps", type=int, default=20, help="timed steps per arm per repeat under ZeRO-3")
+    g.add_argument("--phases", action="store_true",
+                   help="one process: also time forward (incl. orth penalty) / backward / optimizer (incl. AdaLoRA "
+                   "bookkeeping and zero_grad) separately")
     g.add_argument("--parts", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the AdaLoRA bookkeeping (scores / allocation); default: on for CPU, off for CUDA")
     g = p.add_argument_group("run")
@@ -290,6 +295,7 @@ class Arm:
         self.first_loss: float | None = None  # as returned / backpropagated, orthogonality penalty included
         self.first_lm_loss: float | None = None  # language-model loss alone
         self.parts: PartTimer | None = None
+        self.phase_times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
 
 
 def build_single_arms(args, base, device, sync) -> tuple[Arm, Arm, Arm, int]:
@@ -395,20 +401,31 @@ def run_single(args: argparse.Namespace) -> dict:
     setup_s = time.perf_counter() - t_setup
     arms = (sora, peft, lora)
 
-    def step(arm: Arm) -> tuple[float, object, object]:
+    def step(arm: Arm, phases: bool = False) -> tuple[float, object, object]:
         """One step; returns (seconds, loss backpropagated, language-model loss), read after the clock stopped."""
         sync()
         t0 = time.perf_counter()
         arm.t += 1
         lm = arm.model(input_ids=ids, labels=ids).loss
         loss = lm + sora_ds.orth_loss(arm.model, ORTH_WEIGHT) if arm.kind == "sora" else lm
+        if phases:
+            sync()
+            t1 = time.perf_counter()
         loss.backward()
+        if phases:
+            sync()
+            t2 = time.perf_counter()
         arm.opt.step()
         if arm.kind == "peft_adalora":
             arm.model.base_model.update_and_allocate(arm.t)
         arm.opt.zero_grad(set_to_none=True)
         sync()
-        return time.perf_counter() - t0, loss, lm
+        t3 = time.perf_counter()
+        if phases:
+            arm.phase_times["forward"].append(t1 - t0)
+            arm.phase_times["backward"].append(t2 - t1)
+            arm.phase_times["optimizer"].append(t3 - t2)
+        return t3 - t0, loss, lm
 
     dev_name = device_name(cuda)
     print("AdaLoRA train-step overhead, part 1: one process (sora-ds AdaLoRA vs PEFT AdaLoRA vs PEFT LoRA)")
@@ -445,7 +462,7 @@ def run_single(args: argparse.Namespace) -> dict:
             arm.times.append([])
         for _ in range(args.steps):
             for arm in order:
-                dt, _, _ = step(arm)
+                dt, _, _ = step(arm, phases=args.phases)
                 arm.times[-1].append(dt)
     bench_s = time.perf_counter() - t_bench
     pressure_after = cpu_pressure()
@@ -476,6 +493,16 @@ def run_single(args: argparse.Namespace) -> dict:
     if is_noisy:
         print("  NOTE: timings are noisy (per-repeat ratios spread > 0.05 or p90 > 1.5 x p10): other work is probably "
               "competing for the CPU/GPU; rerun on a quiet machine, with more --repeats, or compare the p10 ratios.")
+
+    phase_ms = None
+    if args.phases:
+        phase_ms = {arm.key: {ph: statistics.median(v) * 1e3 for ph, v in arm.phase_times.items()} for arm in arms}
+        print()
+        print(f"  {'phase (median ms)':<28}{'sora-ds AdaLoRA':>16}{'PEFT AdaLoRA':>14}{'PEFT LoRA':>12}")
+        for ph, label in (("forward", "forward (+ orth penalty)"), ("backward", "backward"),
+                          ("optimizer", "optimizer + bookkeeping")):
+            print(f"  {label:<28}{phase_ms['sora'][ph]:>16.3f}{phase_ms['peft_adalora'][ph]:>14.3f}"
+                  f"{phase_ms['lora'][ph]:>12.3f}")
 
     parts = {arm.key: arm.parts.medians_ms() for arm in (sora, peft)}
     if parts_on:
@@ -527,7 +554,7 @@ def run_single(args: argparse.Namespace) -> dict:
                            "first_loss": arm.first_loss, "first_lm_loss": arm.first_lm_loss,
                            "bookkeeping_ms": parts.get(arm.key)} for arm in arms},
         "ratio_sora_over_lora": r_lora, "ratio_sora_over_peft_adalora": r_peft,
-        "ratio_peft_adalora_over_lora": r_peft_lora,
+        "ratio_peft_adalora_over_lora": r_peft_lora, "phases_ms": phase_ms,
         "kept_triplets": {"sora": n_sora_kept, "peft_adalora": n_peft_kept, "budget": final_budget,
                           "agree": agree, "triplets": n_triplets},
         "noisy": is_noisy, "cpu_pressure_before": pressure_before, "cpu_pressure_after": pressure_after,

@@ -239,13 +239,16 @@ def build_datasets(
     max_length: int,
     eval_size: int | float = 0,
     seed: int = 0,
+    packing: bool = False,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Load, validate, tokenize and split a chat dataset.
 
     ``eval_size`` is a fraction in (0, 1) or an example count; 0 gives no eval
     set.  Examples with no supervised token left after truncation to
     ``max_length`` are dropped (with a warning).  The split depends only on
-    ``seed`` and the data.
+    ``seed`` and the data.  ``packing`` packs the training split several
+    examples to a row (see :mod:`sora_ds.packing`); the eval split stays one
+    example per row.
     """
     # Check settings before the (possibly slow) load.
     _check_int("max_length", max_length, 2)
@@ -277,13 +280,22 @@ def build_datasets(
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
-    train = datasets.Dataset.from_list([rows[i] for i in train_idx])
+    train_rows = [rows[i] for i in train_idx]
+    if packing:
+        from .packing import pack_examples
+
+        train_rows = pack_examples(train_rows, max_length)
+    train = datasets.Dataset.from_list(train_rows)
     evaluation = datasets.Dataset.from_list([rows[i] for i in eval_idx]) if n_eval else None
     return train, evaluation
 
 
 def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenized examples into ``long`` tensors."""
+    """Right-pad a list of tokenized examples into ``long`` tensors.
+
+    Packed rows (with ``position_ids``, see :mod:`sora_ds.packing`) get no ``attention_mask``; their padding is one
+    more sequence (positions from 0) that carries no loss.
+    """
     if not features:
         raise ValueError("collate needs at least one example")
     width = max(len(f["input_ids"]) for f in features)
@@ -293,8 +305,11 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
             [list(f[key]) + [value] * (width - len(f[key])) for f in features], dtype=torch.long
         )
 
-    return {
-        "input_ids": pad("input_ids", pad_token_id),
-        "attention_mask": pad("attention_mask", 0),
-        "labels": pad("labels", IGNORE_INDEX),
-    }
+    batch = {"input_ids": pad("input_ids", pad_token_id), "labels": pad("labels", IGNORE_INDEX)}
+    if "position_ids" in features[0]:
+        batch["position_ids"] = torch.tensor(
+            [list(f["position_ids"]) + list(range(width - len(f["position_ids"]))) for f in features], dtype=torch.long
+        )
+    else:
+        batch["attention_mask"] = pad("attention_mask", 0)
+    return batch

@@ -153,7 +153,8 @@ def evaluate(model, loader, accelerator) -> dict[str, float]:
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for batch in loader:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        logits = model(**inputs).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         mask = labels != -100
         picked, target = logits[mask].float(), labels[mask]
@@ -188,7 +189,7 @@ def train(cfg: TrainConfig, on_step=None):
     # Cheap checks and the data first: a bad combination or a malformed dataset fails before any model is loaded.
     check_quantization(cfg, accelerator)
     tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed)
+    train_ds, eval_ds = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed, cfg.packing)
     quantization = cfg.bnb_config()
     zero3 = accelerator.state.deepspeed_plugin is not None and accelerator.state.deepspeed_plugin.zero_stage == 3
     model = load_model(cfg, tokenizer, path=cfg.model_name_or_path)
@@ -205,6 +206,9 @@ def train(cfg: TrainConfig, on_step=None):
 
             # Norms and other small float params go to fp32 for stable training on a quantized base.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # Training never reads a KV cache; without one, packed rows (position_ids, no attention mask) also get their
+    # block-diagonal mask (transformers only looks for packed sequences when there is no cache).
+    model.config.use_cache = False
     if cfg.gradient_checkpointing:
         # Non-reentrant: correct with a frozen base (no inputs needing grad) and under ZeRO-3.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

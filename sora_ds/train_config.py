@@ -61,6 +61,7 @@ class TrainConfig:
     dataset_split: str = "train"
     eval_size: float = 0.1  # fraction in (0, 1) or a count of examples
     max_length: int = 128
+    packing: bool = False  # several training examples per max_length row, kept apart by position_ids
     # --- adapter ---
     method: str = "sora"  # "sora" or "adalora"
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
