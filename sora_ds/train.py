@@ -59,6 +59,8 @@ def build_accelerator(cfg: TrainConfig):
         gradient_accumulation_plugin=plugin,
         kwargs_handlers=handlers,
         deepspeed_plugin=ds_plugin,
+        log_with=cfg.report_to or None,
+        project_dir=cfg.output_dir,
     )
     ds = accelerator.state.deepspeed_plugin
     if ds is not None and ds.deepspeed_config.get("gradient_clipping", "auto") == "auto":
@@ -244,6 +246,10 @@ def train(cfg: TrainConfig, on_step=None):
         loop = load_checkpoint(accelerator, resume)
         accelerator.print(f"resumed from {resume} at step {loop['step']}")
     stages = StageRecorder.from_dicts(loop["stages"])
+    if cfg.report_to:
+        # Trackers take scalars (TensorBoard's hparams): lists and mappings go in as their text.
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()}
+        accelerator.init_trackers(out.resolve().name, config=hparams)
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process:
         kept = [line for line in _read_lines(metrics_path) if json.loads(line)["step"] <= loop["step"]] if resume else []
@@ -295,6 +301,7 @@ def train(cfg: TrainConfig, on_step=None):
             if accelerator.is_main_process:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
         if lambdas.is_stage_end(step) or (lambdas.sparsify_stages and done == cfg.max_steps):
             _record_stage(stages, lambdas, step, lam, plain, shapes, model, mem_dl, eval_dl, accelerator)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:

@@ -101,6 +101,7 @@ class TrainConfig:
     # --- outputs ---
     output_dir: str = "outputs/sora"
     log_every: int = 10
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard] or [wandb]
     eval_every: int = 50  # 0: evaluate only at the end (and at stage ends)
     save_merged: bool = False
     save_every: int = 0  # optimizer steps between checkpoints; 0: none
@@ -131,6 +132,7 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.model_name_or_path is None and not self.model_config:
             raise ConfigError("model_config must be a non-empty mapping when model_name_or_path is null")
+        _check_trackers(self.report_to)
         if self.method == "adalora" and (self.sparsify_stages or self.gate_l1):
             raise ConfigError(
                 f"sparsify_stages={self.sparsify_stages} / gate_l1={self.gate_l1} are SoRA settings; with method: "
@@ -203,6 +205,20 @@ class TrainConfig:
 def _check_choice(key: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check_trackers(names: list[str]) -> None:
+    """accelerate drops a tracker whose package is missing without a word; say so before training instead."""
+    if not names:
+        return
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"report_to entry {name!r} is not a tracker; choose from {sorted(LOGGER_TYPE_TO_CLASS)}")
+        if name not in available:
+            raise ConfigError(f"report_to entry {name!r}: its package is not installed (pip install {name})")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

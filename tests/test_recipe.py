@@ -182,3 +182,35 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
     with_gc = [r["loss"] for r in metrics(tmp_path / "gc")]
     without = [r["loss"] for r in metrics(tmp_path / "plain")]
     torch.testing.assert_close(torch.tensor(with_gc), torch.tensor(without), rtol=1e-5, atol=1e-5)
+
+
+def test_tensorboard_tracker_gets_the_logged_metrics(tmp_path):
+    """report_to: [tensorboard] goes through accelerate's tracker: the event file holds the loss of every logged step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["--max_steps", "4", "--log_every", "2", "--report_to", "[tensorboard]", "--output_dir", str(tmp_path)]
+    train(load_config(args, recipe_defaults()))
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events, sorted(p.name for p in tmp_path.rglob("*"))
+    scalars = {}
+    for event_file in events:
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    logged = {r["step"]: r["loss"] for r in metrics(tmp_path)}
+    assert [s for s, _ in scalars["loss"]] == [2, 4]
+    for step, value in scalars["loss"]:
+        assert value == pytest.approx(logged[step], rel=1e-6)
+    assert "active_ranks" in scalars and "lambda" in scalars
+
+
+@pytest.mark.parametrize(
+    "report_to, match",
+    [("[tensorboardx]", r"report_to entry 'tensorboardx' is not a tracker"),
+     ("[swanlab]", r"report_to entry 'swanlab': its package is not installed \(pip install swanlab\)")],
+)
+def test_unknown_or_missing_tracker_is_refused(report_to, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(["--report_to", report_to], recipe_defaults())
