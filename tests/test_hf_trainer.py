@@ -18,6 +18,16 @@ from sora_ds.train_config import TINY_LLAMA
 pytestmark = pytest.mark.recipe
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """A Trainer leaves accelerate's process-wide state configured (TRL's SFTConfig with bf16); later tests build
+    their own Accelerator, which must not inherit it."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_trainer_trains_sora_with_schedule(tmp_path):
     tok = build_byte_tokenizer()
     train_ds, _ = build_datasets(None, tok, 128, 0, 0)
@@ -108,7 +118,7 @@ def test_trl_sft_trainer_with_the_mixin_trains_sora(tmp_path):
     sora_ds.inject(model, sora_ds.SoRAConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_seed=0))
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=8, learning_rate=1e-2,
                          logging_steps=10, report_to=[], use_cpu=True, save_strategy="no", seed=0,
-                         lr_scheduler_type="constant", max_length=128)
+                         lr_scheduler_type="constant", max_length=128, bf16=False)
     trainer = SoRASFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok, sora_schedule=2.0)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "active_ranks" in h]
