@@ -72,7 +72,8 @@ How
 
 Commands
     CPU (defaults: one process hidden 256, 4 layers, batch 4 x 128, 3 arms x (3 warm-up + 3 x 20 timed) steps; then
-    ZeRO-3 on 2 ranks, hidden 128, batch 4 x 64 per rank, as zero3_overhead.py; about 2 minutes on 2 idle cores)::
+    ZeRO-3 on 2 ranks, hidden 128, batch 4 x 64 per rank, as zero3_overhead.py; 75-80 s on 2 quiet cores, several
+    minutes when other work competes for them)::
 
         python bench/adalora_overhead.py
         python bench/adalora_overhead.py --json /tmp/adalora_overhead_cpu.json
@@ -688,16 +689,15 @@ def worker(args: argparse.Namespace) -> None:
     device = get_accelerator().current_device_name()
     ids = torch.randint(0, args.zero3_vocab_size, (args.zero3_batch_size, args.zero3_seq_len), generator=gen).to(device)
 
-    def step(arm: Arm, trace: bool = False) -> tuple[float, float, dict, dict]:
-        """One step; returns (seconds on this rank, loss, calls per op, bytes per op)."""
+    def step(arm: Arm, trace: bool = False) -> tuple[float, float, float, dict, dict]:
+        """One step; returns (seconds on this rank, loss, language-model loss, calls per op, bytes per op)."""
         dist.barrier()  # outside the clock and outside the counted window
         sync()
         COUNTER.trace = trace
         COUNTER.reset()
         t0 = time.perf_counter()
-        loss = arm.model(input_ids=ids, labels=ids).loss
-        if arm.kind == "sora":
-            loss = loss + sora_ds.orth_loss(arm.model.module, ORTH_WEIGHT)
+        lm = arm.model(input_ids=ids, labels=ids).loss
+        loss = lm + sora_ds.orth_loss(arm.model.module, ORTH_WEIGHT) if arm.kind == "sora" else lm
         arm.model.backward(loss)
         arm.model.step()
         sync()
@@ -706,7 +706,7 @@ def worker(args: argparse.Namespace) -> None:
         if trace:
             arm.sites = dict(COUNTER.sites)
             COUNTER.trace = False
-        return dt, float(loss.detach()), counts, nbytes
+        return dt, float(loss.detach()), float(lm.detach()), counts, nbytes
 
     say("AdaLoRA train-step overhead, part 2: DeepSpeed ZeRO-3 (sora-ds AdaLoRA vs PEFT LoRA)")
     say(f"  device   : {'cuda' if cuda else 'cpu'} ({device_name(cuda)}), {world} ranks, backend "
@@ -729,9 +729,9 @@ def worker(args: argparse.Namespace) -> None:
 
     for i in range(args.warmup):
         for arm in (sora, lora):
-            _, loss, _, _ = step(arm)
+            _, loss, lm, _, _ = step(arm)
             if i == 0:
-                arm.first_loss = loss
+                arm.first_loss, arm.first_lm_loss = loss, lm
     sora.parts.enabled = parts_on
 
     pressure_before = cpu_pressure()
@@ -742,7 +742,7 @@ def worker(args: argparse.Namespace) -> None:
             arm.times.append([])
         for _ in range(args.zero3_steps):
             for arm in order:
-                dt, _, counts, nbytes = step(arm)
+                dt, _, _, counts, nbytes = step(arm)
                 arm.times[-1].append(dt)
                 arm.step_totals.append(sum(counts.values()))
                 if arm.counted is None:
@@ -806,7 +806,8 @@ def worker(args: argparse.Namespace) -> None:
     say(f"  {'':<36}{'sora-ds AdaLoRA':>16}{'PEFT LoRA':>12}")
     say(f"  {'adapted modules':<36}{sora.n_modules:>16}{lora.n_modules:>12}")
     say(f"  {'trainable params':<36}{shard['sora-ds adapter'][1]:>16,}{shard['lora adapter'][1]:>12,}")
-    say(f"  {'first loss (AdaLoRA incl. orth)':<36}{sora.first_loss:>16.6f}{lora.first_loss:>12.6f}")
+    say(f"  {'first loss incl. orth penalty':<36}{sora.first_loss:>16.6f}{'':>12}")
+    say(f"  {'first language-model loss':<36}{sora.first_lm_loss:>16.6f}{lora.first_lm_loss:>12.6f}   (must agree)")
     say(f"  {'kept triplets after bench':<36}{kept:>16}   (budget {allocator.budget} of {allocator.n_triplets})")
     say(f"  timed section {bench_s:.1f} s")
 
@@ -819,8 +820,9 @@ def worker(args: argparse.Namespace) -> None:
                          "sora_ds": sora_ds.__version__},
             "base_params": n_base, "total_step": total_step,
             "sharding_rank0": {k: {"local": a, "full": b} for k, (a, b) in shard.items()},
-            "arms": {"sora": {**s, "first_loss": sora.first_loss, "bookkeeping_ms": parts},
-                     "lora": {**l_, "first_loss": lora.first_loss}},
+            "arms": {"sora": {**s, "first_loss": sora.first_loss, "first_lm_loss": sora.first_lm_loss,
+                              "bookkeeping_ms": parts},
+                     "lora": {**l_, "first_lm_loss": lora.first_lm_loss}},
             "ratio_sora_over_lora": r, "per_rank_median_ms": all_medians,
             "collectives": {"sora": {"calls": sc, "bytes": sb, "total": sum(sc.values()),
                                      "per_step_total_range": [min(sora.step_totals), max(sora.step_totals)]},
