@@ -64,6 +64,7 @@ class RankAllocator:
         self.sharded = False
         self.pruned = torch.zeros(self.n_triplets, dtype=torch.bool)  # model order, module-major
         self._layouts: dict[int, _Layout] = {}
+        self._slot_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The param group: Q, P, E of every module, in model order."""
@@ -118,10 +119,12 @@ class RankAllocator:
         """Global triplet scores, ``n_modules * r`` float64 (a collective when the adapter is sharded)."""
         n = self.n_triplets
         partial = torch.zeros(3 * n + 1, dtype=torch.float64, device=tensors[0].device)
-        for t in tensors:
-            state = optimizer.state[t]
-            if "ipt_avg" in state:
-                partial.index_add_(0, self._layouts[id(t)].slot.to(t.device), (state["ipt_avg"] * state["ipt_unc"]).reshape(-1).double())
+        scored = [t for t in tensors if "ipt_avg" in optimizer.state[t]]
+        if scored:
+            # One batched multiply and one index_add over every element, whatever the number of tensors.
+            element = torch._foreach_mul([optimizer.state[t]["ipt_avg"] for t in scored],
+                                         [optimizer.state[t]["ipt_unc"] for t in scored])
+            partial.index_add_(0, self._slots(scored), torch.cat([e.reshape(-1) for e in element]).double())
         if self.sharded and dist.is_initialized() and dist.get_world_size() > 1:
             partial = _all_reduce_sum(partial)
         partial = partial.cpu()
@@ -137,11 +140,20 @@ class RankAllocator:
             pruned_slots = scores <= threshold
         self.pruned = pruned_slots
         for t, layout in zip(tensors, layouts):
+            if not len(layout.e_pos):  # no E element here (a Q or P on one process): nothing to mask
+                continue
             pruned = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
             pruned.view(-1)[layout.e_pos.to(t.device)] = pruned_slots[layout.e_slot].to(t.device)
             optimizer.state[t]["adalora_pruned"] = pruned
 
     # --- where each element lives ---------------------------------------------------------------------------------
+
+    def _slots(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The slot indices of ``tensors``' elements, concatenated (cached per tensor list, on their device)."""
+        key = tuple(id(t) for t in tensors)
+        if key not in self._slot_cache:
+            self._slot_cache[key] = torch.cat([self._layouts[id(t)].slot for t in tensors]).to(tensors[0].device)
+        return self._slot_cache[key]
 
     def _layout(self, tensor: torch.Tensor, tensors: list[torch.Tensor]) -> _Layout:
         if id(tensor) not in self._layouts:

@@ -18,36 +18,37 @@ from torch import nn
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
-    """At least fp32 (bf16 adapters under ZeRO-3), float64 kept."""
+    """At least fp32 (bf16 adapters under ZeRO-3), float64 kept; no copy when already so."""
     return x.detach().to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _gram_residual(x: torch.Tensor) -> torch.Tensor:
-    """``x x^T - I`` for Q (r x in); pass ``P^T`` for P."""
+    """``x x^T - I`` for Q (r x in); pass ``P^T`` for P. The identity is subtracted in place on the diagonal."""
     gram = x @ x.transpose(0, 1)
-    return gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    gram.diagonal().sub_(1.0)
+    return gram
 
 
 class _OrthPenalty(torch.autograd.Function):
+    # A few tiny ops per adapted module and step, so the residuals and norms from the forward are kept for the
+    # backward (r x r each) rather than recomputed.
     @staticmethod
     def forward(ctx, out, lora_A, lora_B):
         a, b = _wide(lora_A), _wide(lora_B)
         m, n = _gram_residual(a), _gram_residual(b.transpose(0, 1))
-        m_norm, n_norm = torch.linalg.matrix_norm(m), torch.linalg.matrix_norm(n)
-        ctx.save_for_backward(lora_A, lora_B)
-        return out.view_as(out), (m_norm + n_norm).to(out.dtype if out.is_floating_point() else torch.float32)
+        norms = torch.stack((torch.linalg.matrix_norm(m), torch.linalg.matrix_norm(n)))
+        ctx.save_for_backward(lora_A, lora_B, m, n, norms)
+        return out.view_as(out), norms.sum().to(out.dtype if out.is_floating_point() else torch.float32)
 
     @staticmethod
     def backward(ctx, grad_out, grad_pen):
-        lora_A, lora_B = ctx.saved_tensors
+        lora_A, lora_B, m, n, norms = ctx.saved_tensors  # read once: checkpointing allows a single unpack
         grad_a = grad_b = None
         if grad_pen is not None:
-            a, b = _wide(lora_A), _wide(lora_B)
-            m, n = _gram_residual(a), _gram_residual(b.transpose(0, 1))
-            m_norm, n_norm = torch.linalg.matrix_norm(m), torch.linalg.matrix_norm(n)
-            g = grad_pen.to(a.dtype)
-            grad_a = (g * 2 * (m @ a) / m_norm.clamp_min(1e-12)).to(lora_A.dtype)
-            grad_b = (g * 2 * (b @ n) / n_norm.clamp_min(1e-12)).to(lora_B.dtype)
+            # d||M||_F/dQ = 2 M Q / ||M||_F (M symmetric); d||N||_F/dP = 2 P N / ||N||_F
+            coef = (2 * grad_pen.to(norms.dtype)) / norms.clamp_min(1e-12)
+            grad_a = (m @ _wide(lora_A)).mul_(coef[0]).to(lora_A.dtype)
+            grad_b = (_wide(lora_B) @ n).mul_(coef[1]).to(lora_B.dtype)
         return grad_out, grad_a, grad_b
 
 
