@@ -71,7 +71,7 @@ def plot_rank_heatmap(report: dict[str, dict[str, int]], path: str | Path) -> No
         if not np.isnan(v):
             ax.text(j, i, int(v), ha="center", va="center", color="white" if v < r_max / 2 else "black", fontsize=8)
     fig.colorbar(im, ax=ax, label="kept rank")
-    ax.set_title("SoRA kept ranks")
+    ax.set_title("kept ranks per module")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
