@@ -1,4 +1,5 @@
-"""GPU-only paths: bf16 mixed precision and a bf16-compute 4-bit base on CUDA. Skipped without a GPU."""
+"""GPU-only paths: bf16 mixed precision and a bf16-compute 4-bit base on CUDA, SoRA and AdaLoRA. Skipped without a
+GPU."""
 
 from __future__ import annotations
 
@@ -48,3 +49,14 @@ def test_bf16_recipe_trains_prunes_and_exports(tmp_path, extra):
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         ref, got = model(input_ids=ids).logits.float(), peft_model(input_ids=ids).logits.float()
     assert (got - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("extra", [[], ["--quantization", QLORA_BF16]], ids=["bf16", "4bit-bf16"])
+def test_bf16_adalora_recipe_reaches_its_budget(tmp_path, extra):
+    defaults = runpy.run_path(str(REPO / "recipes" / "llama_adalora.py"), run_name="recipe")["FAMILY_DEFAULTS"]
+    args = ["--torch_dtype", "bfloat16", "--mixed_precision", "bf16", "--max_steps", "40", "--t_init", "4",
+            "--t_final", "10", "--delta_t", "2", "--log_every", "10", "--output_dir", str(tmp_path), *extra]
+    _, summary = train(load_config(args, defaults))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0], losses
+    assert summary["total_kept_ranks"] == 8 * len(summary["kept_ranks"])
