@@ -45,3 +45,47 @@ def percentile(values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def ds_worker(want_bf16: bool):
+    """Set up one rank of a DeepSpeed bench worker started by torchrun: device, threads, process group (NCCL on
+    GPU, gloo on CPU, where DeepSpeed's shared-memory op, unused here, is not JIT-built: ~40 s). Returns cuda, bf16,
+    rank, world, shm_skipped and rank-0 ``say`` / device ``sync`` helpers."""
+    import importlib
+    import logging
+    import types
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+    import deepspeed
+
+    shm_skipped = False
+    if not cuda:
+        comm_torch = importlib.import_module("deepspeed.comm.torch")  # the module, not the torch package
+        if hasattr(comm_torch, "build_shm_op"):
+            comm_torch.build_shm_op = lambda: None
+            shm_skipped = True
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    rank = dist.get_rank()
+
+    def say(*a, **k):
+        if rank == 0:
+            print(*a, **k, flush=True)
+
+    def sync():
+        if cuda:
+            get_accelerator().synchronize()
+
+    return types.SimpleNamespace(cuda=cuda, bf16=bool(want_bf16 and cuda), rank=rank, world=dist.get_world_size(),
+                                 shm_skipped=shm_skipped, say=say, sync=sync)

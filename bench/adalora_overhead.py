@@ -102,7 +102,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import cpu_pressure, device_name, percentile
+from _common import cpu_pressure, device_name, ds_worker, percentile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -601,31 +601,12 @@ def worker(args: argparse.Namespace) -> None:
 
     COUNTER.install()  # before deepspeed binds torch.distributed functions
 
-    import importlib
-    import logging
-
     import torch
 
-    warnings.filterwarnings("ignore")
-    cuda = torch.cuda.is_available()
-    bf16 = bool(args.dtype == "bf16" and cuda)
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-
+    w = ds_worker(args.dtype == "bf16")
+    cuda, bf16, rank, world, shm_skipped, say, sync = w.cuda, w.bf16, w.rank, w.world, w.shm_skipped, w.say, w.sync
     import deepspeed
-
-    shm_skipped = False
-    if not cuda:
-        comm_torch = importlib.import_module("deepspeed.comm.torch")  # the module, not the torch package
-        if hasattr(comm_torch, "build_shm_op"):
-            comm_torch.build_shm_op = lambda: None  # skip the ~40 s JIT build of an op this bench does not use
-            shm_skipped = True
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    deepspeed.utils.logger.setLevel(logging.ERROR)
     from deepspeed.accelerator import get_accelerator
 
     import peft
@@ -635,14 +616,6 @@ def worker(args: argparse.Namespace) -> None:
     import sora_ds
     from sora_ds.compact import adapter_tensors
     from sora_ds.optim import unwrap_optimizer
-
-    def say(*a, **k):
-        if rank == 0:
-            print(*a, **k, flush=True)
-
-    def sync():
-        if cuda:
-            get_accelerator().synchronize()
 
     parts_on = (not cuda) if args.parts is None else args.parts
     # zero3_overhead's helpers read args.batch_size / args.rank: a namespace with the ZeRO-3 batch

@@ -79,7 +79,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import cpu_pressure, device_name, percentile
+from _common import cpu_pressure, device_name, ds_worker, percentile
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 EXPORT_TARGET = r"model\.layers\.[01]\.self_attn\.(q_proj|v_proj)"
@@ -403,32 +403,13 @@ def worker(args: argparse.Namespace) -> None:
     COUNTER.install()  # before deepspeed binds torch.distributed functions
 
     import gc
-    import importlib
-    import logging
-    import warnings
 
     import torch
 
-    warnings.filterwarnings("ignore")
-    cuda = torch.cuda.is_available()
-    bf16 = bool(args.bf16 and cuda)
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-
+    w = ds_worker(args.bf16)
+    cuda, bf16, rank, world, shm_skipped, say, sync = w.cuda, w.bf16, w.rank, w.world, w.shm_skipped, w.say, w.sync
     import deepspeed
-
-    shm_skipped = False
-    if not cuda:
-        comm_torch = importlib.import_module("deepspeed.comm.torch")  # the module, not the torch package
-        if hasattr(comm_torch, "build_shm_op"):
-            comm_torch.build_shm_op = lambda: None  # skip the ~40 s JIT build of an op this bench does not use
-            shm_skipped = True
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    deepspeed.utils.logger.setLevel(logging.ERROR)
     from deepspeed.accelerator import get_accelerator
 
     import peft
@@ -437,14 +418,6 @@ def worker(args: argparse.Namespace) -> None:
 
     import sora_ds
     from sora_ds.compact import adapter_tensors
-
-    def say(*a, **k):
-        if rank == 0:
-            print(*a, **k, flush=True)
-
-    def sync():
-        if cuda:
-            get_accelerator().synchronize()
 
     ds_config = ds_config_for(args, bf16, args.prefetch_bucket_size)
     dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841  (keeps transformers/PEFT ZeRO-3 aware, as under Trainer)
