@@ -63,6 +63,8 @@ def orth_loss(model: nn.Module, weight: float) -> torch.Tensor | float:
     two matrices each, as in PEFT), to add to the loss before backward. Clears them, so a forward is counted once."""
     from .inject import sora_modules
 
+    if weight == 0:  # SoRA runs, or AdaLoRA without the penalty (its layers then compute none): no module walk
+        return 0.0
     pens, n = [], 0
     for _, m in sora_modules(model):
         if m.orth_penalty:
@@ -70,6 +72,6 @@ def orth_loss(model: nn.Module, weight: float) -> torch.Tensor | float:
             if m.last_orth is not None:
                 pens.append(m.last_orth)
                 m.last_orth = None
-    if weight == 0 or not pens:
+    if not pens:
         return 0.0
     return weight * torch.stack([p.float() for p in pens]).sum() / n
