@@ -52,7 +52,6 @@ class RankAllocator:
     def __init__(self, modules: list[tuple[str, SoRALinear]], config: AdaLoRAConfig) -> None:
         if not modules:
             raise ValueError("RankAllocator needs at least one adapted module")
-        self.names = [n for n, _ in modules]
         self.modules = [m for _, m in modules]
         self.r = config.r
         self.schedule = config.budget(len(modules))

@@ -69,25 +69,28 @@ def build_optimizer(
     :class:`~sora_ds.adalora.RankAllocator`; ``sparse_lambda``, ``threshold_mode`` and ``gate_learning_rate`` do
     not apply.
     """
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
     config = getattr(model, "sora_config", None)
     if isinstance(config, AdaLoRAConfig):
-        return _build_adalora_optimizer(model, config, learning_rate, weight_decay, betas, eps)
+        allocator = RankAllocator(list(sora_modules(model)), config)
+        adapter = allocator.parameters()
+        groups = [{"params": adapter, "weight_decay": weight_decay, "adalora": True},
+                  *_other_groups(model, {id(p) for p in adapter}, weight_decay)]
+        optimizer = SoRAAdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps, foreach=True)
+        optimizer.rank_allocator = allocator
+        return optimizer
     if threshold_mode not in THRESHOLD_MODES:
         raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
     if sparse_lambda < 0:
         raise ValueError(f"sparse_lambda must be >= 0, got {sparse_lambda}")
-    if learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
     gates = gate_parameters(model)
     if not gates and not any(True for _ in sora_modules(model)):
         raise ValueError("model has no SoRA layers; call sora_ds.inject(model, config) first")
     branch = [p for p in branch_parameters(model) if p.requires_grad]
-    adapter_ids = {id(p) for p in branch} | {id(g) for g in gates}
-    other = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
     groups = [
         {"params": branch, "weight_decay": weight_decay, "sora_gate": False},
-        {"params": [p for p in other if p.ndim >= 2], "weight_decay": weight_decay, "sora_gate": False},
-        {"params": [p for p in other if p.ndim < 2], "weight_decay": 0.0, "sora_gate": False},
+        *_other_groups(model, {id(p) for p in branch} | {id(g) for g in gates}, weight_decay),
         {
             "params": gates,
             "weight_decay": 0.0,
@@ -103,21 +106,13 @@ def build_optimizer(
     return SoRAAdamW(groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
 
 
-def _build_adalora_optimizer(model, config, learning_rate, weight_decay, betas, eps) -> SoRAAdamW:
-    if learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-    allocator = RankAllocator(list(sora_modules(model)), config)
-    adapter = allocator.parameters()
-    adapter_ids = {id(p) for p in adapter}
+def _other_groups(model: nn.Module, adapter_ids: set[int], weight_decay: float) -> list[dict]:
+    """Trainable parameters beside the adapter (e.g. a classification head): weight decay on matrices only."""
     other = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
-    groups = [
-        {"params": adapter, "weight_decay": weight_decay, "adalora": True},
-        {"params": [p for p in other if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in other if p.ndim < 2], "weight_decay": 0.0},
+    return [
+        {"params": [p for p in other if p.ndim >= 2], "weight_decay": weight_decay, "sora_gate": False},
+        {"params": [p for p in other if p.ndim < 2], "weight_decay": 0.0, "sora_gate": False},
     ]
-    optimizer = SoRAAdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps, foreach=True)
-    optimizer.rank_allocator = allocator
-    return optimizer
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
