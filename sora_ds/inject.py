@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import AdapterConfig, AdaLoRAConfig
 from .layer import SoRALinear, module_generator
+from .quantized import pin_4bit_layout
 
 
 class TargetError(ValueError):
@@ -68,6 +69,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> list[str]:
                 f"{_describe_linears(model)}"
             )
     to_save = _modules_to_save(model, config.modules_to_save)  # validated before the model is touched
+    pin_4bit_layout(model)  # an eval must never repack the frozen 4-bit base in place (see quantized.py)
     for p in model.parameters():
         p.requires_grad_(False)
     orth = isinstance(config, AdaLoRAConfig) and config.orth_reg_weight > 0

@@ -31,6 +31,42 @@ def adapter_dtype(layer: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _cpu_repacked(layer: nn.Module) -> bool:
+    return getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False)
+
+
+def pin_4bit_layout(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit weight of ``model`` in the layout it was quantized in, on every CPU.
+
+    Why: on CPUs with AVX512-BF16, bitsandbytes (>= 0.49) repacks a ``Linear4bit`` weight *in place* into a kernel
+    layout on its first forward in eval mode without grad, rounding its scales to bf16 on the way. Training
+    forwards, ZeRO-3 partitions, merging and export then read the repacked bytes as the original codes: a mid-run
+    eval silently corrupts the frozen base. We switch that repack off per module (``support_avx512bf16_for_cpu``,
+    which bitsandbytes sets from the CPU's features), so eval runs the same dequantize-and-matmul as training on
+    every CPU: slower on those CPUs, the same numbers everywhere. A weight that is already repacked (the model ran
+    an eval forward before it reached us) cannot be put back exactly, so it is refused. Returns the number of 4-bit
+    layers.
+    """
+    check_4bit_layout(model)
+    layers = [m for m in model.modules() if quantized_kind(m) == "4bit"]
+    for module in layers:
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def check_4bit_layout(model: nn.Module) -> None:
+    """Raise if any 4-bit weight is in bitsandbytes' CPU kernel layout: better a stop than silently wrong numbers."""
+    packed = [n for n, m in model.named_modules() if quantized_kind(m) == "4bit" and _cpu_repacked(m)]
+    if packed:
+        raise RuntimeError(
+            f"{len(packed)} 4-bit weights (e.g. {packed[:2]}) were repacked in place by bitsandbytes' AVX512-BF16 CPU "
+            "eval kernel, so they no longer hold the codes they were quantized to (their scales were rounded to bf16). "
+            "Reload the model and give it to sora_ds before running it in eval mode; sora_ds keeps the layout from then "
+            "on (sora_ds.quantized.pin_4bit_layout)"
+        )
+
+
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """The base weight as a float tensor (dequantized for bitsandbytes layers)."""
     kind = quantized_kind(layer)
@@ -39,9 +75,12 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     if kind == "4bit":
+        check_4bit_layout(layer)
         return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.float32)
-    # LLM.int8 row-wise absmax quantization: w = q * SCB / 127, one scale per output row.
-    return layer.weight.data.float() * layer.weight.SCB.float().unsqueeze(1) / 127.0
+    # LLM.int8 row-wise absmax quantization: w = q * SCB / 127, one scale per output row. The first forward moves
+    # the scales from the weight to the layer's matmul state (bitsandbytes' init_8bit_state).
+    scb = layer.weight.SCB if getattr(layer.weight, "SCB", None) is not None else layer.state.SCB
+    return layer.weight.data.float() * scb.float().unsqueeze(1) / 127.0
 
 
 def plain_linear(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:

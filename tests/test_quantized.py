@@ -1,7 +1,11 @@
-"""SoRA on bitsandbytes 4-bit / 8-bit bases on CPU: training, gradients, pruning, export, merge, refusals."""
+"""SoRA on bitsandbytes 4-bit / 8-bit bases on CPU: training, gradients, pruning, export, merge, refusals.
+
+Tests that take ``bnb_cpu_path`` run on both of bitsandbytes' CPU code paths (AVX512-BF16 and generic), whatever this
+machine's CPU is (see conftest.py); ``test_forced_cpu_path_is_the_real_one`` proves the forcing takes effect."""
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
 
@@ -14,7 +18,7 @@ from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import sora_ds  # noqa: E402
-from sora_ds.quantized import quantized_kind  # noqa: E402
+from sora_ds.quantized import check_4bit_layout, dequantized_weight, pin_4bit_layout, quantized_kind  # noqa: E402
 from sora_ds.train import check_quantization  # noqa: E402
 from sora_ds.train_config import ConfigError, TrainConfig  # noqa: E402
 
@@ -29,14 +33,23 @@ QUANT = {
 }
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
+def save_base(path, hidden_size=64, intermediate_size=128, heads=4):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3)
-    path = tmp_path_factory.mktemp("qbase")
+    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3)
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return save_base(tmp_path_factory.mktemp("qbase"))
+
+
+@pytest.fixture(scope="module")
+def odd_base_dir(tmp_path_factory):
+    """Widths that are not multiples of 32 (bitsandbytes' AVX512-BF16 eval kernel asserts N % 32 == 0)."""
+    return save_base(tmp_path_factory.mktemp("qbase_odd"), hidden_size=40, intermediate_size=100, heads=2)
 
 
 def load(base_dir, kind):
@@ -45,12 +58,30 @@ def load(base_dir, kind):
     )
 
 
-def train_sora(model, steps=25, sparse_lambda=3.0):
+def pinned(model):
+    pin_4bit_layout(model)
+    return model
+
+
+def eval_logits(model, ids):
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    model.train(was_training)
+    return logits
+
+
+def train_sora(model, steps=25, sparse_lambda=3.0, eval_at=()):
+    """Train on one fixed batch; an eval forward (eval mode, no grad) after each step in ``eval_at``."""
     sora_ds.inject(model, sora_ds.SoRAConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_seed=0))
     opt = sora_ds.build_optimizer(model, learning_rate=1e-2, sparse_lambda=sparse_lambda)
     ids = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
     losses, grads = [], set()
+    model.train()
     for step in range(steps):
+        if step in eval_at:
+            eval_logits(model, ids)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if step == 0:
@@ -61,12 +92,50 @@ def train_sora(model, steps=25, sparse_lambda=3.0):
     return losses, grads, ids
 
 
+def test_forced_cpu_path_is_the_real_one(base_dir, bnb_cpu_path):
+    """The forcing in conftest.py works: on the AVX512-BF16 path an eval forward of a plain bitsandbytes layer
+    repacks its weight in place (the bug class), on the generic path it does not; pin_4bit_layout stops it."""
+    model = load(base_dir, "nf4").eval()
+    layer = model.model.layers[0].self_attn.q_proj
+    packed_before = layer.weight.data.clone()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        layer(x)
+    repacked = getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert repacked == (bnb_cpu_path == "avx512_bf16")
+    with pytest.raises(RuntimeError, match="repacked in place") if repacked else contextlib.nullcontext():
+        check_4bit_layout(model)
+
+    fresh = load(base_dir, "nf4").eval()
+    pin_4bit_layout(fresh)
+    pinned = fresh.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        pinned(x)
+    assert not getattr(pinned.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(pinned.weight.data, packed_before)
+
+
+def test_inject_refuses_a_weight_repacked_before_it(base_dir, bnb_cpu_path):
+    """A model that ran an eval forward before sora_ds saw it: on the AVX512-BF16 path its 4-bit weights are already
+    repacked (scales rounded to bf16, not reversible exactly), so inject refuses it with the fix; on the generic path
+    nothing was repacked and inject goes ahead."""
+    model = load(base_dir, "nf4").eval()
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 96, (2, 12)))
+    config = sora_ds.SoRAConfig(r=4, target_modules=["q_proj"], init_seed=0)
+    if bnb_cpu_path == "avx512_bf16":
+        with pytest.raises(RuntimeError, match="Reload the model"):
+            sora_ds.inject(model, config)
+    else:
+        assert sora_ds.inject(model, config)
+
+
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
-def test_sora_trains_on_quantized_base(base_dir, kind):
+def test_sora_trains_on_quantized_base(base_dir, kind, bnb_cpu_path):
     model = load(base_dir, kind)
     assert quantized_kind(model.model.layers[0].self_attn.q_proj) == ("8bit" if kind == "int8" else "4bit")
     packed_before = model.model.layers[0].self_attn.q_proj.weight.data.clone()
-    losses, grads, _ = train_sora(model)
+    losses, grads, _ = train_sora(model, eval_at=(5, 12))
     assert losses[-1] < 0.8 * losses[0], losses
     # Gradients reach only A, B and the gate; the quantized base stays frozen and untouched.
     assert grads and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "gate") for n in grads), sorted(grads)
@@ -78,15 +147,25 @@ def test_sora_trains_on_quantized_base(base_dir, kind):
     assert layer.lora_A.dtype == torch.float32  # compute dtype, not the packed storage dtype
 
 
-def test_export_from_4bit_applies_to_quantized_and_full_bases(base_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_eval_between_steps_leaves_training_unchanged(base_dir, kind, bnb_cpu_path):
+    """train -> eval -> train gives exactly the losses of train -> train, on either CPU path."""
+    plain, _, _ = train_sora(load(base_dir, kind), steps=8)
+    with_evals, _, _ = train_sora(load(base_dir, kind), steps=8, eval_at=(0, 3, 4, 7))
+    assert with_evals == plain
+
+
+def test_export_from_4bit_applies_to_quantized_and_full_bases(base_dir, tmp_path, bnb_cpu_path):
     model = load(base_dir, "nf4")
-    _, _, ids = train_sora(model)
+    _, _, ids = train_sora(model, eval_at=(10,))
     model.eval()
     with torch.no_grad():
         ref = model(input_ids=ids).logits
     sora_ds.export_peft(model, tmp_path / "adapter")
 
-    quantized = PeftModel.from_pretrained(load(base_dir, "nf4"), tmp_path / "adapter").eval()
+    # Pinned as sora_ds pins its own models: unpinned, an eval on the AVX512-BF16 path takes bitsandbytes' bf16-only
+    # kernel, which exists only on such CPUs (forced here on another CPU, it would read the repacked bytes wrongly).
+    quantized = PeftModel.from_pretrained(pinned(load(base_dir, "nf4")), tmp_path / "adapter").eval()
     with torch.no_grad():
         assert (quantized(input_ids=ids).logits - ref).abs().max().item() <= 1e-4
 
@@ -98,9 +177,9 @@ def test_export_from_4bit_applies_to_quantized_and_full_bases(base_dir, tmp_path
     torch.testing.assert_close(merged.model.layers[1].mlp.down_proj.weight - w_before, delta, atol=1e-6, rtol=1e-5)
 
 
-def test_merge_into_4bit_base_dequantizes_and_says_so(base_dir, tmp_path):
+def test_merge_into_4bit_base_dequantizes_and_says_so(base_dir, tmp_path, bnb_cpu_path):
     model = load(base_dir, "nf4")
-    _, _, ids = train_sora(model)
+    _, _, ids = train_sora(model, eval_at=(10,))
     model.eval()
     with torch.no_grad():
         ref = model(input_ids=ids).logits
@@ -112,6 +191,33 @@ def test_merge_into_4bit_base_dequantizes_and_says_so(base_dir, tmp_path):
     assert not any(quantized_kind(m) for m in reloaded.modules())
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_widths_not_multiple_of_32_train_eval_export_and_merge(odd_base_dir, kind, bnb_cpu_path, tmp_path):
+    """hidden 40, intermediate 100: the shapes bitsandbytes' AVX512-BF16 eval kernel refuses are handled (sora_ds
+    never takes that kernel), through training with evals, export and merge."""
+    model = load(odd_base_dir, kind)
+    sora_ds.inject(model, sora_ds.SoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_seed=0))
+    opt = sora_ds.build_optimizer(model, learning_rate=1e-2, sparse_lambda=0.0)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    model.train()
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        eval_logits(model, ids)
+    ref = eval_logits(model, ids)
+    sora_ds.export_peft(model, tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(pinned(load(odd_base_dir, kind)), tmp_path / "adapter")
+    assert (eval_logits(reloaded, ids) - ref).abs().max().item() <= 1e-4
+    down = model.model.layers[1].mlp.down_proj
+    expected = (dequantized_weight(down.base_layer) + down.delta_weight()).detach()
+    with pytest.warns(UserWarning, match="dequantized"):
+        sora_ds.merge_adapters(model)
+    torch.testing.assert_close(model.model.layers[1].mlp.down_proj.weight.detach(), expected, atol=1e-6, rtol=1e-6)
+    if kind == "nf4":  # LLM.int8 also quantizes the activations, so only a 4-bit base computes what the merge holds
+        assert (eval_logits(model, ids) - ref).abs().max().item() <= 1e-4
 
 
 def ds_accelerator(stage, offload=None):
