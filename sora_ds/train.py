@@ -8,6 +8,7 @@ Outputs in ``output_dir``: ``config.yaml`` (resolved config), ``metrics.jsonl``,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -30,9 +31,10 @@ from .inject import inject, sora_modules
 from .optim import adalora_budget, build_optimizer, gate_l1_penalty, set_sparse_lambda
 from .orthogonal import orth_loss
 from .report import adapter_params, plot_rank_heatmap, rank_table, retained_fraction
+from .quantized import check_4bit_layout
 from .schedule import StageRecorder
 from .train_config import ConfigError, TrainConfig, load_config, save_config
-from .zero import gathered, sharding_report
+from .zero import sharding_report
 
 
 def main(defaults: dict | None = None, argv: list[str] | None = None) -> dict:
@@ -82,33 +84,52 @@ def load_tokenizer(cfg: TrainConfig):
     return build_byte_tokenizer()
 
 
-def load_model(cfg: TrainConfig, tokenizer, path: str | None = None, quantization=None, device=None):
-    """The base model: from ``path`` / the hub, or built from ``model_config`` (seeded, so runs reproduce).
+def load_model(cfg: TrainConfig, path: str, quantization=None, device=None):
+    """The base model from ``path`` (a folder or a hub id).
 
-    Under ZeRO-3 (accelerate's DeepSpeed plugin with ``zero3_init_flag``) transformers builds it inside
+    Under ZeRO-3 (accelerate's DeepSpeed plugin with ``zero3_init_flag``) transformers loads it inside
     ``deepspeed.zero.Init``: every rank only ever holds its own slice of the base weights. With ``quantization``
     (a ``BitsAndBytesConfig``) the weights are quantized while loading, on ``device`` (None under ZeRO-3).
     """
+    from transformers import AutoModelForCausalLM
+
+    extra = {"quantization_config": quantization} if quantization else {}
+    if quantization and device is not None:
+        extra["device_map"] = {"": device}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.torch_dtype), **extra)
+
+
+def build_base_model(cfg: TrainConfig, tokenizer, path: Path, accelerator):
+    """Build the ``model_config`` base once, seeded, on the main process, and save it to ``path``.
+
+    Why once and outside ``zero.Init``: under ZeRO-3 transformers would initialise each rank's slice with its own
+    random draws, so the same seed gave another base at another process count or stage. Here the base depends on
+    the seed only; every other process (and every ZeRO-3 process) loads the saved copy. Returns the built model on
+    the main process, ``None`` elsewhere. Collective (a barrier).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = getattr(torch, cfg.torch_dtype)
-    if path:
-        extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
-        if quantization and device is None:
-            extra.pop("device_map")
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
-    kwargs = dict(cfg.model_config)
-    model_type = kwargs.pop("model_type", "llama")
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **kwargs,
-    )
-    torch.manual_seed(cfg.seed)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = None
+    if accelerator.is_main_process:
+        kwargs = dict(cfg.model_config)
+        config = AutoConfig.for_model(
+            kwargs.pop("model_type", "llama"),
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **kwargs,
+        )
+        ds = accelerator.state.deepspeed_plugin
+        no_zero_init = ds.zero3_init_context_manager(enable=False) if ds is not None else contextlib.nullcontext()
+        with no_zero_init:
+            torch.manual_seed(cfg.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.torch_dtype))
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    return model
 
 
 def check_quantization(cfg: TrainConfig, accelerator) -> None:
@@ -138,16 +159,6 @@ def check_quantization(cfg: TrainConfig, accelerator) -> None:
             )
 
 
-def save_base_model(model, tokenizer, path: Path, accelerator) -> None:
-    """Save a config-built base (demo-sized) so the exported adapter has something to load onto. Collective."""
-    with gathered(list(model.parameters())):
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if accelerator.is_main_process:
-        with atomic_dir(path) as tmp:
-            model.save_pretrained(tmp, state_dict=state)
-            tokenizer.save_pretrained(tmp)
-
-
 @torch.no_grad()
 def evaluate(model, loader, accelerator) -> dict[str, float]:
     """Token-weighted loss and next-token accuracy over supervised tokens, summed across processes."""
@@ -164,6 +175,7 @@ def evaluate(model, loader, accelerator) -> dict[str, float]:
         totals[1] += mask.sum()
         totals[2] += (picked.argmax(-1) == target).sum()
     totals = accelerator.reduce(totals, reduction="sum")
+    check_4bit_layout(model)
     model.train(was_training)
     n = max(totals[1].item(), 1.0)
     return {"loss": totals[0].item() / n, "token_accuracy": totals[2].item() / n}
@@ -194,20 +206,19 @@ def train(cfg: TrainConfig, on_step=None):
     train_ds, eval_ds = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed, cfg.packing)
     quantization = cfg.bnb_config()
     zero3 = accelerator.state.deepspeed_plugin is not None and accelerator.state.deepspeed_plugin.zero_stage == 3
-    model = load_model(cfg, tokenizer, path=cfg.model_name_or_path)
-    if not cfg.model_name_or_path:
-        save_base_model(model, tokenizer, out / "base_model", accelerator)
-    if quantization is not None:
-        # Quantize while loading (bitsandbytes quantizes on placement); a config-built base goes through its save.
-        accelerator.wait_for_everyone()
-        source = cfg.model_name_or_path or str(out / "base_model")
+    source, model = cfg.model_name_or_path, None
+    if not source:
+        source = str(out / "base_model")
+        model = build_base_model(cfg, tokenizer, out / "base_model", accelerator)
+    if model is None or quantization is not None or zero3:
+        # Quantize while loading (bitsandbytes quantizes on placement); under ZeRO-3 load partitioned.
         del model
-        model = load_model(cfg, tokenizer, path=source, quantization=quantization, device=None if zero3 else accelerator.device)
-        if not zero3:
-            from peft import prepare_model_for_kbit_training
+        model = load_model(cfg, source, quantization, device=None if zero3 else accelerator.device)
+    if quantization is not None and not zero3:
+        from peft import prepare_model_for_kbit_training
 
-            # Norms and other small float params go to fp32 for stable training on a quantized base.
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # Norms and other small float params go to fp32 for stable training on a quantized base.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     # Training never reads a KV cache; without one, packed rows (position_ids, no attention mask) also get their
     # block-diagonal mask (transformers only looks for packed sequences when there is no cache).
     model.config.use_cache = False
