@@ -8,7 +8,6 @@ Outputs in ``output_dir``: ``config.yaml`` (resolved config), ``metrics.jsonl``,
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -34,7 +33,7 @@ from .report import adapter_params, plot_rank_heatmap, rank_table, retained_frac
 from .quantized import check_4bit_layout
 from .schedule import StageRecorder
 from .train_config import ConfigError, TrainConfig, load_config, save_config
-from .zero import sharding_report
+from .zero import sharding_report, without_zero_init
 
 
 def main(defaults: dict | None = None, argv: list[str] | None = None) -> dict:
@@ -120,12 +119,10 @@ def build_base_model(cfg: TrainConfig, tokenizer, path: Path, accelerator):
             eos_token_id=tokenizer.eos_token_id,
             **kwargs,
         )
-        ds = accelerator.state.deepspeed_plugin
-        no_zero_init = ds.zero3_init_context_manager(enable=False) if ds is not None else contextlib.nullcontext()
-        with no_zero_init:
+        # Saving inside too: with ZeRO-3 on, save_pretrained would gather (a collective) on this process alone.
+        with without_zero_init(accelerator.state.deepspeed_plugin), atomic_dir(path) as tmp:
             torch.manual_seed(cfg.seed)
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.torch_dtype))
-        with atomic_dir(path) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
@@ -161,20 +158,23 @@ def check_quantization(cfg: TrainConfig, accelerator) -> None:
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator) -> dict[str, float]:
-    """Token-weighted loss and next-token accuracy over supervised tokens, summed across processes."""
+    """Token-weighted loss and next-token accuracy over supervised tokens, summed across processes.
+
+    Per-example sums go through ``gather_for_metrics``: with several processes accelerate pads the last batches
+    by repeating examples, which a plain sum would count twice (and the eval would depend on the process count).
+    """
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for batch in loader:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        logits = model(**inputs).logits[:, :-1]
+        logits = model(**inputs).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         mask = labels != -100
-        picked, target = logits[mask].float(), labels[mask]
-        totals[0] += F.cross_entropy(picked, target, reduction="sum").double()
-        totals[1] += mask.sum()
-        totals[2] += (picked.argmax(-1) == target).sum()
-    totals = accelerator.reduce(totals, reduction="sum")
+        nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * mask
+        correct = (logits.argmax(-1) == labels) & mask
+        per_example = torch.stack([nll.sum(1).double(), mask.sum(1).double(), correct.sum(1).double()], dim=1)
+        totals += accelerator.gather_for_metrics(per_example).sum(0)
     check_4bit_layout(model)
     model.train(was_training)
     n = max(totals[1].item(), 1.0)

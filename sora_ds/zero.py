@@ -30,6 +30,27 @@ def gathered(params: Iterable[nn.Parameter]):
         yield
 
 
+@contextlib.contextmanager
+def without_zero_init(deepspeed_plugin):
+    """Models built inside the block are built whole on this process, even with ZeRO-3 configured.
+
+    transformers builds inside ``deepspeed.zero.Init`` whenever its global DeepSpeed config says stage 3 (accelerate's
+    ``zero3_init_context_manager(False)`` re-registers the same stage-3 config, so it does not help); we unregister it
+    for the block and register accelerate's object again after.
+    """
+    hf_config = getattr(deepspeed_plugin, "dschf", None)
+    if hf_config is None:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(hf_config)
+
+
 def _elements(params: Iterable[nn.Parameter]) -> tuple[int, int, int, int]:
     """(elements in full, elements on this rank, bytes in full, bytes on this rank)."""
     total = local = total_b = local_b = 0

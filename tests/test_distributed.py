@@ -23,6 +23,8 @@ pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/llama_sora.py"
+BNB_PATH_SCRIPT = "tests/scripts/with_bnb_cpu_path.py"
+BNB_CPU_PATHS = ("avx512_bf16", "generic")  # as in tests/conftest.py
 SHARDED = "tests/data/zero3_sharded.json"
 STEPS = 8
 QUANT_4BIT = ("{load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_use_double_quant: true, "
@@ -71,23 +73,27 @@ def runs(tmp_path_factory):
     run([sys.executable, *recipe_args(single, "--per_device_train_batch_size", "8")])
     base = str(single / "base_model")  # both sides start from the very same base weights
     two_ranks = ["--num_processes", "2", "--main_process_port", str(free_port())]
-    zero3 = root / "zero3"
+    zero3 = root / "zero3"  # base built from model_config on 2 ranks: must be the single process's base
     run([ACCELERATE, "launch", "--config_file", "launch/accelerate/zero3.yaml", "--deepspeed_config_file", SHARDED,
-         *two_ranks, *recipe_args(zero3, "--model_name_or_path", base, "--per_device_train_batch_size", "4",
-                                  "--save_every", "4")])
+         *two_ranks, *recipe_args(zero3, "--per_device_train_batch_size", "4", "--save_every", "4")])
     zero2 = root / "zero2"
     two_ranks[-1] = str(free_port())
     run([ACCELERATE, "launch", "--config_file", "launch/accelerate/zero2.yaml", *two_ranks,
          *recipe_args(zero2, "--model_name_or_path", base, "--per_device_train_batch_size", "4")])
-    # 4-bit (nf4, quant storage = the model dtype so the packed weights shard) alone and under ZeRO-3.
-    q4 = ["--quantization", QUANT_4BIT]
-    single_4bit, zero3_4bit = root / "single_4bit", root / "zero3_4bit"
-    run([sys.executable, *recipe_args(single_4bit, "--model_name_or_path", base, "--per_device_train_batch_size", "8", *q4)])
-    run([ACCELERATE, "launch", "--config_file", "launch/accelerate/zero3.yaml", "--deepspeed_config_file", SHARDED,
-         "--num_processes", "2", "--main_process_port", str(free_port()),
-         *recipe_args(zero3_4bit, "--model_name_or_path", base, "--per_device_train_batch_size", "4", *q4)])
-    return {"root": root, "single": single, "zero3": zero3, "zero2": zero2, "base": base,
-            "single_4bit": single_4bit, "zero3_4bit": zero3_4bit}
+    # 4-bit (nf4, quant storage = the model dtype so the packed weights shard) alone and under ZeRO-3, with an eval
+    # every 2 steps, on both bitsandbytes CPU paths (an eval repacked the base in place on AVX512-BF16 CPUs).
+    q4 = ["--quantization", QUANT_4BIT, "--eval_every", "2"]
+    quantized = {}
+    for path in BNB_CPU_PATHS:
+        forced = [BNB_PATH_SCRIPT, path]
+        one, two = root / f"single_4bit_{path}", root / f"zero3_4bit_{path}"
+        run([sys.executable, *forced, *recipe_args(one, "--model_name_or_path", base, "--per_device_train_batch_size",
+                                                    "8", *q4)])
+        run([ACCELERATE, "launch", "--config_file", "launch/accelerate/zero3.yaml", "--deepspeed_config_file", SHARDED,
+             "--num_processes", "2", "--main_process_port", str(free_port()), *forced,
+             *recipe_args(two, "--model_name_or_path", base, "--per_device_train_batch_size", "4", *q4)])
+        quantized[path] = (one, two)
+    return {"root": root, "single": single, "zero3": zero3, "zero2": zero2, "base": base, "4bit": quantized}
 
 
 def assert_same_training(a: Path, b: Path, rtol: float, steps: int = STEPS) -> None:
@@ -118,14 +124,44 @@ def test_zero2_two_ranks_equals_one_process(runs):
     assert summary(runs["zero2"])["zero_stage"] == 2
 
 
-def test_4bit_zero3_two_ranks_equals_4bit_one_process(runs):
-    assert_same_training(runs["single_4bit"], runs["zero3_4bit"], rtol=1e-4)
-    one, two = summary(runs["single_4bit"]), summary(runs["zero3_4bit"])
+def test_base_built_from_config_is_the_same_at_any_process_count(runs):
+    """The ZeRO-3 run built its own base from model_config on 2 ranks: the same seed gave the single process's base
+    (built once outside zero.Init and saved), and so the same training."""
+    one = load_file(runs["single"] / "base_model" / "model.safetensors")
+    two = load_file(runs["zero3"] / "base_model" / "model.safetensors")
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def evals(out: Path) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "eval_loss" in r}
+
+
+@pytest.mark.parametrize("path", BNB_CPU_PATHS)
+def test_4bit_zero3_with_mid_run_evals_equals_4bit_one_process(runs, path):
+    one_dir, two_dir = runs["4bit"][path]
+    assert_same_training(one_dir, two_dir, rtol=1e-4)
+    e1, e2 = evals(one_dir), evals(two_dir)
+    assert sorted(e1) == sorted(e2) == [2, 4, 6, 8]
+    for step in e1:
+        assert abs(e1[step] - e2[step]) <= 1e-4 * e1[step], (step, e1[step], e2[step])
+    one, two = summary(one_dir), summary(two_dir)
+    assert abs(one["final_eval_loss"] - two["final_eval_loss"]) <= 1e-4 * one["final_eval_loss"]
+    assert abs(one["final_eval_token_accuracy"] - two["final_eval_token_accuracy"]) <= 1e-6
     assert two["base_bytes"] == one["base_bytes"] == one["base_bytes_on_rank"]
     # Each rank holds about half of the packed 4-bit base, and the base really is 4-bit (well under fp32 size).
     assert 0.45 < two["base_bytes_on_rank"] / two["base_bytes"] < 0.55
     full_fp32 = summary(runs["single"])["base_bytes"]
     assert one["base_bytes"] < 0.5 * full_fp32
+
+
+def test_4bit_training_is_the_same_on_both_bnb_cpu_paths(runs):
+    """The CPU's features change nothing: the forced AVX512-BF16 path trains and evaluates exactly as the generic."""
+    (avx_one, avx_two), (gen_one, gen_two) = (runs["4bit"][p] for p in BNB_CPU_PATHS)
+    for a, b in ((avx_one, gen_one), (avx_two, gen_two)):
+        assert losses(a) == losses(b) and evals(a) == evals(b)
+        assert summary(a)["final_eval_loss"] == summary(b)["final_eval_loss"]
 
 
 def test_zero3_checkpoint_is_complete_and_atomic(runs):
