@@ -33,7 +33,13 @@ from .report import adapter_params, plot_rank_heatmap, rank_table, retained_frac
 from .quantized import check_4bit_layout
 from .schedule import StageRecorder
 from .train_config import ConfigError, TrainConfig, load_config, save_config
-from .zero import sharding_report, without_zero_init
+from .zero import (
+    check_deepspeed_internals,
+    check_deepspeed_version,
+    sharding_report,
+    without_zero_init,
+    zero_stage,
+)
 
 
 def main(defaults: dict | None = None, argv: list[str] | None = None) -> dict:
@@ -64,6 +70,8 @@ def build_accelerator(cfg: TrainConfig):
         project_dir=cfg.output_dir,
     )
     ds = accelerator.state.deepspeed_plugin
+    if ds is not None:
+        check_deepspeed_version()
     if ds is not None and ds.deepspeed_config.get("gradient_clipping", "auto") == "auto":
         ds.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm  # the recipe YAML owns clipping
     return accelerator
@@ -205,7 +213,7 @@ def train(cfg: TrainConfig, on_step=None):
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed, cfg.packing)
     quantization = cfg.bnb_config()
-    zero3 = accelerator.state.deepspeed_plugin is not None and accelerator.state.deepspeed_plugin.zero_stage == 3
+    zero3 = zero_stage(accelerator) == 3
     source, model = cfg.model_name_or_path, None
     if not source:
         source = str(out / "base_model")
@@ -249,6 +257,7 @@ def train(cfg: TrainConfig, on_step=None):
     plain = model
     keep_trainable_only(accelerator, plain)
     model, optimizer, train_dl, lr_scheduler = accelerator.prepare(model, optimizer, train_dl, lr_scheduler)
+    check_deepspeed_internals([p for p in plain.parameters() if p.requires_grad], zero_stage(accelerator))
     eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
     mem_dl = accelerator.prepare(mem_dl)
 
@@ -335,7 +344,7 @@ def train(cfg: TrainConfig, on_step=None):
         "final_eval_token_accuracy": final["token_accuracy"],
         "steps": cfg.max_steps,
         "num_processes": accelerator.num_processes,
-        "zero_stage": accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else 0,
+        "zero_stage": zero_stage(accelerator),
         **sharding_report(plain, adapter_tensors([m for _, m in sora_modules(plain)])),
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - started,

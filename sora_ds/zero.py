@@ -8,9 +8,66 @@ enter it with the same parameters in the same order).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable
 
 from torch import nn
+
+# The DeepSpeed versions the whole suite passed with (lowest and highest; scripts/dependency_bounds.md). AdaLoRA's
+# allocation reads DeepSpeed internals (ZeRO-3: ``p._z3_optimizer`` with ``grad_position``, ``get_param_id`` and
+# ``fp32_partitioned_groups_flat``; ZeRO-1/2: ``p._hp_mapping``), which change between releases without notice.
+TESTED_DEEPSPEED = ("0.18.0", "0.19.8")
+ALLOW_UNTESTED_DEEPSPEED = "SORA_DS_ALLOW_UNTESTED_DEEPSPEED"
+ZERO3_INTERNALS = ("grad_position", "get_param_id", "fp32_partitioned_groups_flat")
+
+
+class UnsupportedDeepSpeed(RuntimeError):
+    """The installed DeepSpeed is outside the tested range, or lacks an internal sora_ds reads."""
+
+
+def check_deepspeed_version(version: str | None = None) -> None:
+    """Refuse, at start-up, a DeepSpeed outside ``TESTED_DEEPSPEED`` (set ``SORA_DS_ALLOW_UNTESTED_DEEPSPEED=1`` to
+    try one anyway; :func:`check_deepspeed_internals` then still stops a run whose internals moved)."""
+    from packaging.version import Version
+
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    low, high = TESTED_DEEPSPEED
+    if Version(low) <= Version(version.split("+")[0]) <= Version(high) or os.environ.get(ALLOW_UNTESTED_DEEPSPEED) == "1":
+        return
+    raise UnsupportedDeepSpeed(
+        f"deepspeed {version} is outside the versions sora_ds is tested with ({low} to {high}): its ZeRO internals "
+        f"may have moved. Install one in that range (pip install 'deepspeed>={low},<={high}'), or set "
+        f"{ALLOW_UNTESTED_DEEPSPEED}=1 to try it"
+    )
+
+
+def check_deepspeed_internals(trainable: list[nn.Parameter], stage: int) -> None:
+    """After ``accelerator.prepare``: the DeepSpeed internals AdaLoRA's allocation reads exist on the trainable
+    parameters (a clear stop before the first step instead of an AttributeError inside it)."""
+    if not stage or not trainable:
+        return
+    p = trainable[0]
+    if stage == 3:
+        z3 = getattr(p, "_z3_optimizer", None)
+        missing = [a for a in ZERO3_INTERNALS if not hasattr(z3, a)] if z3 is not None else ["_z3_optimizer"]
+    else:
+        missing = [] if hasattr(p, "_hp_mapping") else ["_hp_mapping"]
+    if missing:
+        import deepspeed
+
+        raise UnsupportedDeepSpeed(
+            f"deepspeed {deepspeed.__version__} lacks the ZeRO-{stage} internals sora_ds reads ({missing}); "
+            f"install a version from {TESTED_DEEPSPEED[0]} to {TESTED_DEEPSPEED[1]}"
+        )
+
+
+def zero_stage(accelerator) -> int:
+    """The ZeRO stage accelerate runs DeepSpeed with; 0 without DeepSpeed."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin.zero_stage if plugin is not None else 0
 
 
 def is_partitioned(param: nn.Parameter) -> bool:
