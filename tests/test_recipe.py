@@ -177,7 +177,8 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
     base = ["--max_steps", "3", "--log_every", "1"]
     model, _ = train(load_config([*base, "--gradient_checkpointing", "true", "--output_dir", str(tmp_path / "gc")],
                                  recipe_defaults()))
-    assert model.is_activation_checkpointing
+    # The layers' own flag (transformers >= 5.0; `is_activation_checkpointing` exists only from 5.23).
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     train(load_config([*base, "--output_dir", str(tmp_path / "plain")], recipe_defaults()))
     with_gc = [r["loss"] for r in metrics(tmp_path / "gc")]
     without = [r["loss"] for r in metrics(tmp_path / "plain")]
