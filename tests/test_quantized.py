@@ -292,3 +292,43 @@ def test_merge_in_bf16_4bit_model_keeps_dtype_and_runs(base_dir):
     ids = torch.randint(0, 96, (1, 8))
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+class Crash(Exception):
+    pass
+
+
+def test_4bit_recipe_resume_with_mid_run_evals_is_exact(tmp_path, bnb_cpu_path):
+    """The recipe on a 4-bit base with an eval every 2 steps, crashed after its step-4 checkpoint and resumed, logs
+    exactly the losses and evals of the uninterrupted run, on either CPU path."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    from sora_ds.train import train
+    from sora_ds.train_config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    defaults = runpy.run_path(str(repo / "recipes" / "llama_sora.py"), run_name="recipe")["FAMILY_DEFAULTS"]
+    args = ["--config", str(repo / "recipes" / "llama" / "tiny_sora_qlora_cpu.yaml"), "--max_steps", "6",
+            "--log_every", "1", "--eval_every", "2", "--save_every", "4", "--per_device_train_batch_size", "8"]
+
+    def records(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    def crash_at_5(step, model, optimizer):
+        if step == 5:
+            raise Crash
+
+    train(load_config([*args, "--output_dir", str(tmp_path / "full")], defaults))
+    with pytest.raises(Crash):
+        train(load_config([*args, "--output_dir", str(tmp_path / "part")], defaults), on_step=crash_at_5)
+    train(load_config([*args, "--output_dir", str(tmp_path / "part"), "--resume_from", "latest"], defaults))
+    full, resumed = records(tmp_path / "full"), records(tmp_path / "part")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r.get("eval_loss") is not None for r in full] == [False, True, False, True, False, True]
+    for a, b in zip(full, resumed):
+        assert a.keys() == b.keys()
+        for key in ("loss", "eval_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-6 * abs(a[key]), (a["step"], key, a[key], b[key])
