@@ -176,12 +176,15 @@ def evaluate(model, loader, accelerator) -> dict[str, float]:
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for batch in loader:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        logits = model(**inputs).logits[:, :-1].float()
+        logits = model(**inputs).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         mask = labels != -100
-        nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * mask
-        correct = (logits.argmax(-1) == labels) & mask
-        per_example = torch.stack([nll.sum(1).double(), mask.sum(1).double(), correct.sum(1).double()], dim=1)
+        picked, target = logits[mask].float(), labels[mask]  # fp32 only for the supervised positions
+        per_token = torch.stack([F.cross_entropy(picked, target, reduction="none").double(),
+                                 torch.ones_like(target, dtype=torch.float64),
+                                 (picked.argmax(-1) == target).double()], dim=1)
+        per_example = torch.zeros(labels.shape[0], 3, dtype=torch.float64, device=per_token.device)
+        per_example.index_add_(0, mask.nonzero()[:, 0], per_token)
         totals += accelerator.gather_for_metrics(per_example).sum(0)
     check_4bit_layout(model)
     model.train(was_training)
