@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from .config import AdaLoRAConfig
 from .layer import SoRALinear
+from .zero import optimizer_fragments
 
 ROLES = ("E", "A", "B")  # slot blocks: E_i, row i of A (= Q), column i of B (= P)
 
@@ -167,7 +168,9 @@ class RankAllocator:
         by_id = {id(t): t for t in tensors}
         for mi, module in enumerate(self.modules):
             for role, p in zip(ROLES, (module.gate, module.lora_A, module.lora_B)):
-                for t, t_off, p_off, count in self._fragments(p, by_id):
+                sharded, fragments = optimizer_fragments(p, by_id)
+                self.sharded |= sharded
+                for t, t_off, p_off, count in fragments:
                     k = torch.arange(p_off, p_off + count)
                     triplet = mi * r + (k if role == "E" else k // module.in_features if role == "A" else k % r)
                     slots[id(t)][t_off : t_off + count] = ROLES.index(role) * n + triplet
@@ -177,46 +180,6 @@ class RankAllocator:
         for t in tensors:
             cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.int64)  # noqa: E731
             self._layouts[id(t)] = _Layout(slots[id(t)], cat(e_pos[id(t)]), cat(e_slot[id(t)]))
-
-    def _fragments(self, p: torch.nn.Parameter, by_id: dict[int, torch.Tensor]):
-        """``(tensor, offset in tensor, offset in flattened p, count)`` for each piece of ``p`` this rank holds."""
-        if id(p) in by_id:  # one process or DDP: the optimizer steps the parameter itself
-            yield p, 0, 0, p.numel()
-            return
-        if hasattr(p, "ds_id"):  # ZeRO-3: this rank holds elements [rank * ps, rank * ps + ps) of p, zero-padded
-            self.sharded = True
-            ps = p.partition_numel()
-            p_off = dist.get_rank(group=p.ds_process_group) * ps
-            count = max(0, min(ps, p.ds_numel - p_off))
-            # DeepSpeed's own record of where p's shard sits in its sub-group's flat fp32 tensor (the public
-            # safe_get_local_fp32_param returns a copy when the optimizer is offloaded, which would hide the offset).
-            z3 = p._z3_optimizer
-            sub_group, t_off, _ = z3.grad_position[z3.get_param_id(p)]
-            flat = z3.fp32_partitioned_groups_flat[sub_group]
-            if count and id(flat) in by_id:
-                yield flat, t_off, p_off, count
-                return
-            view = None
-        elif getattr(p, "_hp_mapping", None) is not None:  # ZeRO-1/2: a contiguous fragment of the flat buffer
-            self.sharded = True
-            address = p._hp_mapping.lp_fragment_address
-            p_off, count = address.start, address.numel
-            view = p._hp_mapping.get_hp_fragment()
-        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2, and no element of p on this rank
-            self.sharded = True
-            return
-        else:
-            raise RuntimeError(f"AdaLoRA parameter of shape {tuple(p.shape)} is not stepped by this optimizer")
-        if count == 0:
-            return
-        for t in by_id.values() if view is not None else ():
-            if t.untyped_storage().data_ptr() == view.untyped_storage().data_ptr():
-                yield t, (view.data_ptr() - t.data_ptr()) // t.element_size(), p_off, count
-                return
-        raise RuntimeError(
-            "AdaLoRA parameters are split across DeepSpeed optimizer sub-groups (or swapped to NVMe); raise "
-            "zero_optimization.sub_group_size above the adapter size, or do not offload the optimizer to NVMe"
-        )
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+IGNORE_INDEX = -100  # label of tokens that carry no loss (PyTorch's and transformers' convention)
+
 
 class EpochSampler(Sampler[int]):
     """A fresh permutation per epoch from ``seed + epoch`` (accelerate calls :meth:`set_epoch`)."""
@@ -45,4 +47,4 @@ def micro_batches(loader: DataLoader, start: int = 0) -> Iterator[dict]:
 
 def supervised_tokens(batch: dict) -> torch.Tensor:
     """Tokens that carry loss after the causal shift (what transformers divides by with ``num_items_in_batch``)."""
-    return (batch["labels"][:, 1:] != -100).sum()
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()

@@ -17,11 +17,13 @@ from typing import Any
 import datasets
 import torch
 
+from .batches import IGNORE_INDEX
+from .packing import pack_examples
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_DATASET: Path = Path(__file__).resolve().parent / "assets" / "tiny_chat.jsonl"
 ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100
 EXPECTED_COLUMNS = (
     "expected 'messages' (list of {role, content}), or 'prompt'+'response', "
     "or 'instruction'(+'input')+'output'"
@@ -282,8 +284,6 @@ def build_datasets(
     eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
     train_rows = [rows[i] for i in train_idx]
     if packing:
-        from .packing import pack_examples
-
         train_rows = pack_examples(train_rows, max_length)
     train = datasets.Dataset.from_list(train_rows)
     evaluation = datasets.Dataset.from_list([rows[i] for i in eval_idx]) if n_eval else None

@@ -61,13 +61,11 @@ def with_orth_penalty(out: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Ten
 def orth_loss(model: nn.Module, weight: float) -> torch.Tensor | float:
     """``weight * mean over adapted matrices`` of the penalties left by the last training forward (P and Q count as
     two matrices each, as in PEFT), to add to the loss before backward. Clears them, so a forward is counted once."""
-    from .inject import sora_modules
-
     if weight == 0:  # SoRA runs, or AdaLoRA without the penalty (its layers then compute none): no module walk
         return 0.0
     pens, n = [], 0
-    for _, m in sora_modules(model):
-        if m.orth_penalty:
+    for m in model.modules():
+        if getattr(m, "orth_penalty", False):  # adapter layers built with the penalty (no import of them: no cycle)
             n += 2
             if m.last_orth is not None:
                 pens.append(m.last_orth)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 
-from .chat_data import IGNORE_INDEX
+from .batches import IGNORE_INDEX
 
 
 def pack_examples(rows: list[dict], max_length: int) -> list[dict]:

@@ -11,6 +11,8 @@ import importlib.util
 import torch
 from torch import nn
 
+from .zero import is_partitioned
+
 QUANTIZED_PARAM_TYPES = ("Params4bit", "Int8Params")
 
 
@@ -26,7 +28,7 @@ def adapter_dtype(layer: nn.Module) -> torch.dtype:
     instead: DeepSpeed does not convert parameters added after ``zero.Init``, and keeps fp32 masters itself. A
     packed 4-bit base is then stored in that dtype too (``bnb_4bit_quant_storage`` = ``torch_dtype``)."""
     weight = layer.weight
-    if hasattr(weight, "ds_id") and weight.dtype.is_floating_point:
+    if is_partitioned(weight) and weight.dtype.is_floating_point:
         return weight.dtype
     return torch.float32
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .atomic import atomic_dir
-from .batches import EpochSampler, micro_batches, supervised_tokens
+from .batches import IGNORE_INDEX, EpochSampler, micro_batches, supervised_tokens
 from .chat_data import build_datasets, collate
 from .checkpoint import keep_trainable_only, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .compact import adapter_tensors, rank_report
@@ -178,7 +178,7 @@ def evaluate(model, loader, accelerator) -> dict[str, float]:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         logits = model(**inputs).logits[:, :-1]
         labels = batch["labels"][:, 1:]
-        mask = labels != -100
+        mask = labels != IGNORE_INDEX
         picked, target = logits[mask].float(), labels[mask]  # fp32 only for the supervised positions
         per_token = torch.stack([F.cross_entropy(picked, target, reduction="none").double(),
                                  torch.ones_like(target, dtype=torch.float64),

@@ -1,4 +1,5 @@
-"""ZeRO-3 awareness in one place. Everything here is a no-op on a model that DeepSpeed has not partitioned.
+"""DeepSpeed ZeRO awareness in one place: every read of DeepSpeed's internals and of partitioned parameters is here.
+Everything is a no-op on a model that DeepSpeed has not partitioned.
 
 Under ZeRO-3 a parameter's ``.data`` on each rank holds only that rank's slice (size 0 outside the forward pass);
 :func:`gathered` materialises the full tensors for reading, on every rank (it is a collective: all ranks must
@@ -11,6 +12,8 @@ import contextlib
 import os
 from collections.abc import Iterable
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
 # The DeepSpeed versions the whole suite passed with (lowest and highest; scripts/dependency_bounds.md). AdaLoRA's
@@ -74,6 +77,49 @@ def zero_stage(accelerator) -> int:
 
 def is_partitioned(param: nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
+
+
+Fragment = tuple[torch.Tensor, int, int, int]  # (stepped tensor, offset in it, offset in flattened p, count)
+
+
+def optimizer_fragments(p: nn.Parameter, stepped: dict[int, torch.Tensor]) -> tuple[bool, list[Fragment]]:
+    """Where this rank's elements of ``p`` sit in the tensors its optimizer steps (``stepped``, by ``id``).
+
+    Returns ``(sharded, fragments)``: ``sharded`` is True when DeepSpeed ZeRO steps flat shards instead of ``p``.
+    One process or DDP: ``p`` itself. ZeRO-3: this rank's slice of ``p`` (elements ``[rank * ps, rank * ps + ps)``,
+    zero-padded) inside its sub-group's flat fp32 tensor. ZeRO-1/2: a contiguous fragment of the flat buffer.
+    """
+    if id(p) in stepped:
+        return False, [(p, 0, 0, p.numel())]
+    if is_partitioned(p):
+        ps = p.partition_numel()
+        p_off = dist.get_rank(group=p.ds_process_group) * ps
+        count = max(0, min(ps, p.ds_numel - p_off))
+        # DeepSpeed's own record of where p's shard sits in its sub-group's flat fp32 tensor (the public
+        # safe_get_local_fp32_param returns a copy when the optimizer is offloaded, which would hide the offset).
+        z3 = p._z3_optimizer
+        sub_group, t_off, _ = z3.grad_position[z3.get_param_id(p)]
+        flat = z3.fp32_partitioned_groups_flat[sub_group]
+        if count and id(flat) in stepped:
+            return True, [(flat, t_off, p_off, count)]
+        view = None
+    elif getattr(p, "_hp_mapping", None) is not None:
+        address = p._hp_mapping.lp_fragment_address
+        p_off, count = address.start, address.numel
+        view = p._hp_mapping.get_hp_fragment()
+    elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2, and no element of p on this rank
+        return True, []
+    else:
+        raise RuntimeError(f"parameter of shape {tuple(p.shape)} is not stepped by this optimizer")
+    if count == 0:
+        return True, []
+    for t in stepped.values() if view is not None else ():
+        if t.untyped_storage().data_ptr() == view.untyped_storage().data_ptr():
+            return True, [(t, (view.data_ptr() - t.data_ptr()) // t.element_size(), p_off, count)]
+    raise RuntimeError(
+        "AdaLoRA parameters are split across DeepSpeed optimizer sub-groups (or swapped to NVMe); raise "
+        "zero_optimization.sub_group_size above the adapter size, or do not offload the optimizer to NVMe"
+    )
 
 
 @contextlib.contextmanager
