@@ -37,7 +37,7 @@ def _cpu_repacked(layer: nn.Module) -> bool:
     return getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False)
 
 
-def pin_4bit_layout(model: nn.Module) -> int:
+def pin_4bit_layout(model: nn.Module) -> None:
     """Keep every bitsandbytes 4-bit weight of ``model`` in the layout it was quantized in, on every CPU.
 
     Why: on CPUs with AVX512-BF16, bitsandbytes (>= 0.49) repacks a ``Linear4bit`` weight *in place* into a kernel
@@ -46,15 +46,12 @@ def pin_4bit_layout(model: nn.Module) -> int:
     eval silently corrupts the frozen base. We switch that repack off per module (``support_avx512bf16_for_cpu``,
     which bitsandbytes sets from the CPU's features), so eval runs the same dequantize-and-matmul as training on
     every CPU: slower on those CPUs, the same numbers everywhere. A weight that is already repacked (the model ran
-    an eval forward before it reached us) cannot be put back exactly, so it is refused. Returns the number of 4-bit
-    layers.
+    an eval forward before it reached us) cannot be put back exactly, so it is refused.
     """
     check_4bit_layout(model)
-    layers = [m for m in model.modules() if quantized_kind(m) == "4bit"]
-    for module in layers:
-        if hasattr(module, "support_avx512bf16_for_cpu"):
+    for module in model.modules():
+        if quantized_kind(module) == "4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    return len(layers)
 
 
 def check_4bit_layout(model: nn.Module) -> None:

@@ -72,8 +72,8 @@ def build_accelerator(cfg: TrainConfig):
     ds = accelerator.state.deepspeed_plugin
     if ds is not None:
         check_deepspeed_version()
-    if ds is not None and ds.deepspeed_config.get("gradient_clipping", "auto") == "auto":
-        ds.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm  # the recipe YAML owns clipping
+        if ds.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+            ds.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm  # the recipe YAML owns clipping
     return accelerator
 
 
@@ -260,7 +260,8 @@ def train(cfg: TrainConfig, on_step=None):
     plain = model
     keep_trainable_only(accelerator, plain)
     model, optimizer, train_dl, lr_scheduler = accelerator.prepare(model, optimizer, train_dl, lr_scheduler)
-    check_deepspeed_internals([p for p in plain.parameters() if p.requires_grad], zero_stage(accelerator))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    check_deepspeed_internals(trainable, zero_stage(accelerator))
     eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
     mem_dl = accelerator.prepare(mem_dl)
 
@@ -278,7 +279,6 @@ def train(cfg: TrainConfig, on_step=None):
         kept = [line for line in _read_lines(metrics_path) if json.loads(line)["step"] <= loop["step"]] if resume else []
         metrics_path.write_text("".join(kept))
     batches = micro_batches(train_dl, loop["micro_batches"])
-    trainable = [p for p in model.parameters() if p.requires_grad]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=loop["step"], disable=not accelerator.is_local_main_process, desc=cfg.method)
