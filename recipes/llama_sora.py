@@ -1,21 +1,17 @@
-"""SoRA fine-tuning for Llama-family models.
+"""SoRA fine-tuning: the entry script of every recipe YAML.
 
-    accelerate launch recipes/llama_sora.py                               # embedded CPU default (tiny Llama)
-    accelerate launch recipes/llama_sora.py --config my.yaml --r 16       # YAML plus overrides of any key
+    accelerate launch recipes/llama_sora.py                                         # the CPU demo, tiny_sora_cpu.yaml
+    accelerate launch recipes/llama_sora.py --config recipes/llama/8b_sora.yaml    # any recipe YAML
+    accelerate launch recipes/llama_sora.py --config my.yaml --r 16                # plus overrides of any key
 
-With no arguments it builds a tiny Llama from a config and trains it on the chat data shipped with sora_ds,
-offline, in about a minute on 2 CPU cores. Every key is a field of ``sora_ds.train_config.TrainConfig``.
+With no ``--config`` it runs ``recipes/llama/tiny_sora_cpu.yaml``: a tiny Llama built from a config, trained on the
+chat data shipped with sora_ds, offline, in about a minute on 2 CPU cores. A YAML holds the whole run (model, method,
+adapter, schedule, data, outputs); every key is documented in ``sora_ds/recipe/config.py``.
 """
 
-from sora_ds.train import main
+from pathlib import Path
 
-# Llama family choices (also SmolLM2, which is a Llama): every linear layer of attention and MLP, start rank 8 (the SoRA paper's setting).
-FAMILY_DEFAULTS = {
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "r": 8,
-    "lora_alpha": 16.0,
-    "output_dir": "outputs/llama_sora",
-}
+from sora_ds.recipe.train import main
 
 if __name__ == "__main__":
-    main(defaults=FAMILY_DEFAULTS)
+    main(default_config=Path(__file__).parent / "llama" / "tiny_sora_cpu.yaml")

@@ -3,7 +3,7 @@
 #
 #   scripts/check_dependency_bounds.sh lowest      # every ">=X" lower bound in pyproject.toml installed as "==X"
 #   scripts/check_dependency_bounds.sh highest     # the newest versions pip picks today within the ranges
-#   scripts/check_dependency_bounds.sh lowest -x tests/test_quantized.py    # extra arguments go to pytest
+#   scripts/check_dependency_bounds.sh lowest -x tests/engine/test_quantized.py    # extra arguments go to pytest
 #
 # The lowest pins are read from pyproject.toml itself, so the bounds and what this script tests cannot drift apart.
 # torch stays at the local CPU build (torch==2.13.0) in both profiles. Results are recorded in

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write sora_ds/assets/tiny_chat.jsonl, the built-in synthetic chat dataset.
+"""Write sora_ds/data/assets/tiny_chat.jsonl, the built-in synthetic chat dataset.
 
 The data is meant to be learnable by a 2-layer, hidden-64 Llama trained from
 scratch at byte level in a few hundred steps, so it mixes
@@ -26,7 +26,7 @@ from pathlib import Path
 
 SEED = 1234
 N_TRANSFORM_EXAMPLES = 400
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "sora_ds" / "assets" / "tiny_chat.jsonl"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "sora_ds" / "data" / "assets" / "tiny_chat.jsonl"
 
 # relation -> (question phrasings, {subject: answer}).  Answers come from a
 # small shared vocabulary so the model learns their spelling quickly and only

@@ -1,28 +1,36 @@
-"""sora-ds: sparse low-rank adaptation (SoRA) and AdaLoRA for large language models."""
+"""sora-ds: sparse low-rank adaptation (SoRA) and AdaLoRA for large language models.
 
-from .compact import compact, rank_report
-from .adalora import RankAllocator
-from .config import AdaLoRAConfig, SoRAConfig
-from .export import export_peft, merge_adapters, save_merged
-from .inject import TargetError, gate_parameters, inject, sora_modules
-from .layer import SoRALinear
-from .optim import SoRAAdamW, adalora_budget, build_optimizer, gate_l1_penalty, set_sparse_lambda
-from .orthogonal import orth_loss
-from .prox import soft_threshold
-from .schedule import LambdaSchedule, StageRecorder
+Layers (docs/ARCHITECTURE.md): :mod:`sora_ds.engine` (DeepSpeed, bitsandbytes, atomic writes) <- :mod:`sora_ds.adapters`
+(the maths) and :mod:`sora_ds.data` <- :mod:`sora_ds.recipe` (config, training loop, CLI, Trainer mixin). The names
+below are the library's public API.
+"""
 
-__version__ = "0.1.0"
+import warnings
+
+from .adapters.allocator import RankAllocator
+from .adapters.compact import compact, rank_report
+from .adapters.config import AdaLoRAConfig, SoRAConfig
+from .adapters.export import export_peft, merge_adapters, save_merged
+from .adapters.inject import TargetError, adapter_layers, gate_parameters, inject
+from .adapters.layer import GatedLoRALinear
+from .adapters.optim import AdapterAdamW, adalora_budget, build_optimizer, gate_l1_penalty, set_sparse_lambda
+from .adapters.orthogonal import orth_loss
+from .adapters.prox import soft_threshold
+from .adapters.schedule import LambdaSchedule, StageRecorder
+
+__version__ = "0.2.0"
 
 __all__ = [
     "AdaLoRAConfig",
+    "AdapterAdamW",
+    "GatedLoRALinear",
     "LambdaSchedule",
     "RankAllocator",
-    "SoRAAdamW",
     "SoRAConfig",
-    "SoRALinear",
     "StageRecorder",
     "TargetError",
     "adalora_budget",
+    "adapter_layers",
     "build_optimizer",
     "compact",
     "export_peft",
@@ -35,5 +43,14 @@ __all__ = [
     "save_merged",
     "set_sparse_lambda",
     "soft_threshold",
-    "sora_modules",
 ]
+
+# Names of 0.1, which served AdaLoRA too despite saying SoRA; kept importable for one release.
+_RENAMED = {"SoRALinear": "GatedLoRALinear", "SoRAAdamW": "AdapterAdamW", "sora_modules": "adapter_layers"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        warnings.warn(f"sora_ds.{name} is now sora_ds.{_RENAMED[name]}", DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module 'sora_ds' has no attribute {name!r}")

@@ -1,5 +1,9 @@
+"""Fixtures every test folder shares; plain helpers (model builders, paths, run readers) are in support.py."""
+
 import pytest
 import torch
+
+from tests.support import BNB_CPU_PATHS
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +19,6 @@ def single_thread():
 # weight in place on an eval forward. Each layer reads the choice from `has_avx512bf16()` when it is built, so patching
 # that function before a model is loaded puts the layer on either path on any machine. Tests that take this fixture run
 # once per path, so a bug that only one kind of CPU shows fails CI on every CPU.
-BNB_CPU_PATHS = ("avx512_bf16", "generic")
 
 
 @pytest.fixture(params=BNB_CPU_PATHS)

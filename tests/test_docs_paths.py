@@ -1,4 +1,4 @@
-"""Every repository path the READMEs mention exists (docs that name missing files are a defect)."""
+"""Every repository path the READMEs and docs/ mention exists (docs that name missing files are a defect)."""
 
 import re
 from pathlib import Path
@@ -8,8 +8,8 @@ import pytest
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = [REPO / "README.md", *sorted(REPO.glob("*/README.md"))]
-PATH = re.compile(r"(?<![\w./-])((?:recipes|launch|ds_configs|sora_ds|bench|tests|scripts)/[\w./-]*\w)")
+DOCS = [REPO / "README.md", *sorted(REPO.glob("*/README.md")), *sorted((REPO / "docs").glob("*.md"))]
+PATH = re.compile(r"(?<![\w./-])((?:recipes|launch|ds_configs|sora_ds|bench|tests|scripts|docs)/[\w./-]*\w)")
 PLACEHOLDERS = ("outputs/",)
 
 

@@ -1,5 +1,5 @@
-"""AdaLoRA through ``SoRATrainer`` (transformers Trainer) on the tiny Llama, optionally under DeepSpeed (run by
-tests/test_distributed.py on 1 process and on 2 ranks with ZeRO-3). Writes ``result.json`` in OUT on rank 0:
+"""AdaLoRA through ``AdapterTrainer`` (transformers Trainer) on the tiny Llama, optionally under DeepSpeed (run by
+tests/recipe/test_distributed.py on 1 process and on 2 ranks with ZeRO-3). Writes ``result.json`` in OUT on rank 0:
 per-step losses and the kept ranks per module.
 
     python tests/scripts/trainer_adalora.py OUT PER_DEVICE_BATCH [DEEPSPEED_JSON]
@@ -14,12 +14,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import sora_ds
-from sora_ds.chat_data import build_datasets, collate
-from sora_ds.compact import adapter_tensors
-from sora_ds.hf_trainer import SoRATrainer
-from sora_ds.tokenizer import build_byte_tokenizer
-from sora_ds.train_config import TINY_LLAMA
-from sora_ds.zero import sharding_report
+from sora_ds.data.chat import build_datasets, collate
+from sora_ds.adapters.compact import adapter_tensors
+from sora_ds.recipe.hf_trainer import AdapterTrainer
+from sora_ds.data.tokenizer import build_byte_tokenizer
+from sora_ds.recipe.config import TINY_LLAMA
+from sora_ds.engine.deepspeed import sharding_report
 
 
 def main(out: str, batch: int, deepspeed: str | None) -> None:
@@ -44,11 +44,11 @@ def main(out: str, batch: int, deepspeed: str | None) -> None:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **config))
     sora_ds.inject(model, sora_ds.AdaLoRAConfig(r=6, target_r=3, lora_alpha=12, target_modules=["q_proj", "v_proj"],
                                                 t_init=2, t_final=3, delta_t=1, total_step=10, init_seed=0))
-    trainer = SoRATrainer(model=model, args=args, train_dataset=train_ds,
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=train_ds,
                           data_collator=functools.partial(collate, pad_token_id=tok.pad_token_id))
     trainer.train()
     report = sora_ds.rank_report(trainer.model)  # collective under ZeRO-3
-    modules = [m for _, m in sora_ds.sora_modules(trainer.model)]
+    modules = [m for _, m in sora_ds.adapter_layers(trainer.model)]
     sharding = sharding_report(trainer.model, adapter_tensors(modules))
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -1,0 +1,315 @@
+"""Chat data: load records, normalise them to messages, tokenize with
+assistant-only labels, split train/eval, and collate batches.
+
+Accepted record formats (one per dataset):
+  * ``messages``: a list of ``{"role", "content"}`` turns,
+  * ``prompt`` + ``response``,
+  * ``instruction`` (+ optional ``input``) + ``output`` (Alpaca style).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from .batches import IGNORE_INDEX
+from .packing import pack_examples
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_DATASET: Path = Path(__file__).resolve().parent / "assets" / "tiny_chat.jsonl"
+ROLES = ("system", "user", "assistant")
+EXPECTED_COLUMNS = (
+    "expected 'messages' (list of {role, content}), or 'prompt'+'response', "
+    "or 'instruction'(+'input')+'output'"
+)
+_JSON_SUFFIXES = (".json", ".jsonl")
+
+
+class DataError(ValueError):
+    """A problem with the user's data or data settings, explained for humans."""
+
+
+# --------------------------------------------------------------------------
+# records -> messages
+
+
+def check_columns(columns: list[str], name: str) -> None:
+    """Raise DataError unless ``columns`` hold one of the accepted formats."""
+    cols = set(columns)
+    if "messages" in cols or {"prompt", "response"} <= cols or {"instruction", "output"} <= cols:
+        return
+    hint = ""
+    if "prompt" in cols or "response" in cols:
+        hint = f" (missing column {'response' if 'prompt' in cols else 'prompt'!r})"
+    elif "instruction" in cols or "output" in cols:
+        hint = f" (missing column {'output' if 'instruction' in cols else 'instruction'!r})"
+    raise DataError(f"dataset {name!r} has columns {sorted(cols)}{hint}; {EXPECTED_COLUMNS}")
+
+
+def _text(example: dict, field: str, optional: bool = False) -> str:
+    value = example.get(field)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"field {field!r} must be a string, got {value!r}")
+    return value
+
+
+def to_messages(example: dict) -> list[dict]:
+    """Normalise one record to a validated ``[{"role", "content"}, ...]`` list.
+
+    Roles must be system/user/assistant, contents strings, and there must be
+    at least one assistant turn (otherwise nothing would be trained on).
+    """
+    if "messages" in example:
+        raw = example["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise DataError(f"column 'messages' must be a non-empty list of {{role, content}}, got {raw!r}")
+        messages = []
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict):
+                raise DataError(f"'messages'[{i}] must be a {{role, content}} object, got {m!r}")
+            role = m.get("role")
+            if role not in ROLES:
+                raise DataError(f"'messages'[{i}] has role {role!r}; allowed roles: {', '.join(ROLES)}")
+            if not isinstance(m.get("content"), str):
+                raise DataError(f"'messages'[{i}] field 'content' must be a string, got {m.get('content')!r}")
+            messages.append({"role": role, "content": m["content"]})
+    elif "prompt" in example and "response" in example:
+        messages = [
+            {"role": "user", "content": _text(example, "prompt")},
+            {"role": "assistant", "content": _text(example, "response")},
+        ]
+    elif "instruction" in example and "output" in example:
+        prompt = _text(example, "instruction")
+        extra = _text(example, "input", optional=True)
+        if extra.strip():
+            prompt = f"{prompt}\n\n{extra}"
+        messages = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _text(example, "output")},
+        ]
+    else:
+        raise DataError(f"record has fields {sorted(example)}; {EXPECTED_COLUMNS}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError("'messages' has no assistant turn; need at least one message with role 'assistant'")
+    return messages
+
+
+# --------------------------------------------------------------------------
+# loading
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in _JSON_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"directory {str(path)!r} contains no .json or .jsonl files")
+        return files
+    if path.suffix not in _JSON_SUFFIXES:
+        raise DataError(f"file {str(path)!r} has suffix {path.suffix!r}; allowed: .json, .jsonl")
+    return [path]
+
+
+def load_records(source: str | Path | None, split: str = "train") -> datasets.Dataset:
+    """Load raw records and check they have a usable set of columns.
+
+    ``None`` is the built-in tiny chat set; an existing ``.json``/``.jsonl``
+    file or a directory of them is read locally (``split`` is ignored);
+    anything else is taken as a Hugging Face Hub dataset name (needs network).
+    """
+    path = BUILTIN_DATASET if source is None else Path(source)
+    name = path.name if source is None else str(source)
+    if path.exists():
+        files = _local_files(path)
+        if all(not f.read_bytes().strip() for f in files):
+            raise DataError(f"dataset {name!r} is empty (no records)")
+        try:
+            ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+        except Exception as e:  # pyarrow/json errors vary; the user needs the file name
+            raise DataError(f"dataset {name!r} could not be read as JSON/JSON lines: {e}") from e
+    elif path.suffix in _JSON_SUFFIXES:
+        raise DataError(f"dataset file {name!r} does not exist")
+    else:
+        try:
+            ds = datasets.load_dataset(str(source), split=split)
+        except Exception as e:
+            raise DataError(
+                f"dataset {name!r} is neither a local .json/.jsonl file or directory "
+                f"nor a reachable Hugging Face Hub dataset (split {split!r}): {e}"
+            ) from e
+    if len(ds) == 0:
+        raise DataError(f"dataset {name!r} is empty (0 records)")
+    check_columns(ds.column_names, name)
+    return ds
+
+
+# --------------------------------------------------------------------------
+# tokenization
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _assistant_char_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in ``full``.
+
+    Works with any template, with or without ``{% generation %}`` markers:
+    the rendering of ``messages[:i]`` plus the generation prompt must be a
+    prefix of the rendering of ``messages[:i+1]``; what lies between is the
+    reply, including the template's end-of-turn marker.
+    """
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise DataError(
+                f"the tokenizer's chat_template is not prefix-stable at message {i} "
+                "(rendering earlier turns changes when later turns are added), so "
+                "assistant tokens cannot be located; use a template without that behaviour"
+            )
+        spans.append((len(before), len(upto)))
+    return spans
+
+
+def tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> dict[str, list[int]]:
+    """Tokenize a conversation with loss only on the assistant replies.
+
+    Returns ``input_ids``, ``attention_mask`` and ``labels`` (unshifted; the
+    model shifts), truncated to ``max_length``.  ``labels`` is -100 except on
+    tokens that start inside an assistant turn's content or its end-of-turn
+    marker, so the model learns both the answer and when to stop.
+    """
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = _assistant_char_spans(tokenizer, messages, full)
+    # Special tokens are already in the rendered text (e.g. bos), so do not add more.
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [
+        tok if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+        for tok, (start, _end) in zip(ids, enc["offset_mapping"])
+    ]
+    ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+
+# --------------------------------------------------------------------------
+# datasets
+
+
+def _check_int(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DataError(f"{field} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_eval_size(eval_size: Any) -> None:
+    ok = (isinstance(eval_size, float) and (eval_size == 0 or 0 < eval_size < 1)) or (
+        isinstance(eval_size, int) and not isinstance(eval_size, bool) and eval_size >= 0
+    )
+    if not ok:
+        raise DataError(
+            f"eval_size must be a fraction in (0, 1), an integer count >= 0, or 0 for no eval set; "
+            f"got {eval_size!r}"
+        )
+
+
+def _eval_count(eval_size: int | float, n: int) -> int:
+    count = max(1, round(eval_size * n)) if isinstance(eval_size, float) and eval_size else int(eval_size)
+    if count >= n:
+        raise DataError(
+            f"eval_size={eval_size!r} leaves no training examples: only {n} usable examples; "
+            f"use a smaller eval_size"
+        )
+    return count
+
+
+def build_datasets(
+    source: str | Path | None,
+    tokenizer,
+    max_length: int,
+    eval_size: int | float = 0,
+    seed: int = 0,
+    packing: bool = False,
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Load, validate, tokenize and split a chat dataset.
+
+    ``eval_size`` is a fraction in (0, 1) or an example count; 0 gives no eval
+    set.  Examples with no supervised token left after truncation to
+    ``max_length`` are dropped (with a warning).  The split depends only on
+    ``seed`` and the data.  ``packing`` packs the training split several
+    examples to a row (see :mod:`sora_ds.data.packing`); the eval split stays one
+    example per row.
+    """
+    # Check settings before the (possibly slow) load.
+    _check_int("max_length", max_length, 2)
+    _check_eval_size(eval_size)
+
+    name = "builtin tiny_chat.jsonl" if source is None else str(source)
+    records = load_records(source)
+    # Validate every record before tokenizing any, so bad data fails fast.
+    conversations = []
+    for i, example in enumerate(records):
+        try:
+            conversations.append(to_messages(example))
+        except DataError as e:
+            raise DataError(f"dataset {name!r}, record {i}: {e}") from None
+    rows = [tokenize_chat(m, tokenizer, max_length) for m in conversations]
+    rows = [r for r in rows if any(label != IGNORE_INDEX for label in r["labels"])]
+    if not rows:
+        raise DataError(
+            f"dataset {name!r}: no example keeps an assistant token within max_length={max_length}; "
+            "increase max_length"
+        )
+    if len(rows) < len(records):
+        logger.warning(
+            "dataset %r: dropped %d of %d examples with no assistant token within max_length=%d",
+            name, len(records) - len(rows), len(records), max_length,
+        )
+
+    n_eval = _eval_count(eval_size, len(rows))
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
+    train_rows = [rows[i] for i in train_idx]
+    if packing:
+        train_rows = pack_examples(train_rows, max_length)
+    train = datasets.Dataset.from_list(train_rows)
+    evaluation = datasets.Dataset.from_list([rows[i] for i in eval_idx]) if n_eval else None
+    return train, evaluation
+
+
+def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized examples into ``long`` tensors.
+
+    Packed rows (with ``position_ids``, see :mod:`sora_ds.data.packing`) get no ``attention_mask``; their padding is one
+    more sequence (positions from 0) that carries no loss.
+    """
+    if not features:
+        raise ValueError("collate needs at least one example")
+    width = max(len(f["input_ids"]) for f in features)
+
+    def pad(key: str, value: int) -> torch.Tensor:
+        return torch.tensor(
+            [list(f[key]) + [value] * (width - len(f[key])) for f in features], dtype=torch.long
+        )
+
+    batch = {"input_ids": pad("input_ids", pad_token_id), "labels": pad("labels", IGNORE_INDEX)}
+    if "position_ids" in features[0]:
+        batch["position_ids"] = torch.tensor(
+            [list(f["position_ids"]) + list(range(width - len(f["position_ids"]))) for f in features], dtype=torch.long
+        )
+    else:
+        batch["attention_mask"] = pad("attention_mask", 0)
+    return batch

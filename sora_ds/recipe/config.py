@@ -1,0 +1,368 @@
+"""The recipe configuration: one typed dataclass, written flat in YAML; the YAML key, the ``--key`` override and the
+logged key are the same string.
+
+Where each key is defined (one place per knob):
+
+* the recipe's own keys (model, data, optimization, outputs): the fields of :class:`TrainConfig` below;
+* the adapter keys (``r``, ``lora_alpha``, ``target_modules``, ``lora_dropout``, ``modules_to_save``, and
+  ``gate_init`` for SoRA or ``target_r``, ``t_init``, ... for AdaLoRA): the fields of the library's
+  :class:`~sora_ds.SoRAConfig` / :class:`~sora_ds.AdaLoRAConfig`, chosen by ``method``, held in ``cfg.adapter``;
+* the sparsity schedule keys of SoRA (``sparse_lambda``, ``lambda_schedule``, ...): the fields of
+  :class:`~sora_ds.LambdaSchedule`, held in ``cfg.sparsity``.
+
+Two library fields come from recipe keys instead of being set: ``total_step`` is ``max_steps`` and ``init_seed`` is
+``seed`` (``lambda_ramp_steps: null`` also means ``max_steps``). Library validation errors are re-raised under the
+recipe key, from the error's fields, not by rewriting its text.
+
+Precedence: dataclass defaults < the YAML (``--config file.yaml``, or the entry script's own YAML when none is given)
+< ``--key value``. Command-line values are parsed as YAML (``--r 16``, ``--target_modules '[q_proj, v_proj]'``).
+Unknown keys, keys of the other method and wrong types are errors that name the key, before any model is loaded.
+
+The field defaults are the embedded CPU demo (tiny Llama built from a config, built-in chat data, ~1 minute on
+2 cores). Configs for real models set the model, data, learning rate and sparsity explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..adapters.config import AdaLoRAConfig, AdapterConfig, SoRAConfig
+from ..adapters.errors import ConfigError
+from ..adapters.prox import THRESHOLD_MODES
+from ..adapters.schedule import LambdaSchedule
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    # A frozen random lm_head at the usual 0.02 init caps logits near +-1.3, so no adapter could fit the data;
+    # 0.15 gives the demo base a usable output range while keeping activations small (at 0.3 hidden states reach
+    # ~90 and fp32 rounding alone moves logits by ~1e-5).
+    "initializer_range": 0.15,
+}
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+ADAPTER_CONFIGS: dict[str, type[AdapterConfig]] = {"sora": SoRAConfig, "adalora": AdaLoRAConfig}
+# Library fields the recipe derives from its own keys (library field -> recipe key).
+DERIVED = {"total_step": "max_steps", "init_seed": "seed"}
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    model_name_or_path: str | None = None  # hub name or local dir; None builds a Llama from model_config
+    model_config: dict = field(default_factory=lambda: dict(TINY_LLAMA))  # config kwargs when building from config
+    tokenizer_name_or_path: str | None = None  # None: the model's own, or the built-in byte tokenizer
+    torch_dtype: str = "float32"
+    quantization: dict | None = None  # BitsAndBytesConfig arguments, e.g. {load_in_4bit: true, bnb_4bit_quant_type: nf4}
+    # --- data ---
+    dataset: str | None = None  # local .json/.jsonl file or folder, or hub dataset name; None: built-in tiny chat
+    dataset_split: str = "train"
+    eval_size: float = 0.1  # fraction in (0, 1) or a count of examples
+    max_length: int = 128
+    packing: bool = False  # several training examples per max_length row, kept apart by position_ids
+    # --- adapter: flat keys of SoRAConfig / AdaLoRAConfig (see the module docstring) ---
+    method: str = "sora"  # "sora" or "adalora"
+    adapter: AdapterConfig = field(default_factory=SoRAConfig)
+    # --- sparsity (SoRA): flat keys of LambdaSchedule, plus the gate step's optimizer settings ---
+    sparsity: LambdaSchedule | None = field(default_factory=LambdaSchedule)  # None with method: adalora
+    threshold_mode: str = "lr_scaled"
+    gate_l1: float = 0.0
+    gate_learning_rate: float | None = None  # None: learning_rate
+    # --- optimization ---
+    learning_rate: float = 1e-2
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    max_steps: int = 200
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    seed: int = 42
+    # --- outputs ---
+    output_dir: str = "outputs/sora"
+    log_every: int = 10
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard] or [wandb]
+    eval_every: int = 50  # 0: evaluate only at the end (and at stage ends)
+    save_merged: bool = False
+    save_every: int = 0  # optimizer steps between checkpoints; 0: none
+    save_total_limit: int = 0  # keep only the newest N checkpoints; 0: keep all
+    resume_from: str | None = None  # a checkpoint folder, or "latest" (newest under output_dir/checkpoints)
+    # --- distributed ---
+    deepspeed_config: str | None = None  # DeepSpeed JSON, for launchers other than `accelerate launch`
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, tuple(ADAPTER_CONFIGS))
+        _check_choice("torch_dtype", self.torch_dtype, DTYPES)
+        _check_choice("threshold_mode", self.threshold_mode, THRESHOLD_MODES)
+        _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)!r}")
+        for key in ("save_every", "save_total_limit", "warmup_steps", "eval_every", "gate_l1", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)!r}")
+        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
+            raise ConfigError("deepspeed_config", f"is {self.deepspeed_config!r}: no such file")
+        if self.max_length < 8:
+            raise ConfigError("max_length", f"must be >= 8, got {self.max_length!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError("learning_rate", f"must be > 0, got {self.learning_rate!r}")
+        if self.model_name_or_path is None and not self.model_config:
+            raise ConfigError("model_config", "must be a non-empty mapping when model_name_or_path is null")
+        _check_trackers(self.report_to)
+        self._derive_library_configs()
+        if self.method == "adalora" and self.gate_l1:
+            raise ConfigError("gate_l1", f"={self.gate_l1} is a SoRA setting; with method: adalora set it to 0 "
+                              "(the budget schedule t_init / t_final / delta_t / target_r prunes instead)")
+        self.bnb_config()
+
+    def _derive_library_configs(self) -> None:
+        """Fill the library fields that recipe keys own (``total_step``, ``init_seed``, the ramp length), which also
+        runs the library's validation, and re-raise its errors under the recipe's key names."""
+        wanted = ADAPTER_CONFIGS[self.method]
+        if type(self.adapter) is not wanted:
+            raise ConfigError("method", f"is {self.method!r} but the adapter config is a {type(self.adapter).__name__}")
+        derived = {"init_seed": self.seed, **({"total_step": self.max_steps} if self.method == "adalora" else {})}
+        try:
+            self.adapter = dataclasses.replace(self.adapter, **derived)
+            if self.method == "adalora":
+                if self.sparsity not in (None, LambdaSchedule()):
+                    raise ConfigError("sparse_lambda", "and the other LambdaSchedule keys are SoRA settings; with "
+                                      "method: adalora leave them out")
+                self.sparsity = None
+            elif self.sparsity is None:
+                raise ConfigError("method", "sora needs a sparsity schedule (LambdaSchedule); got None")
+            elif self.sparsity.lambda_ramp_steps is None:
+                self.sparsity = dataclasses.replace(self.sparsity, lambda_ramp_steps=self.max_steps)
+        except ConfigError as e:
+            if e.key in DERIVED:
+                raise ConfigError(DERIVED[e.key], f"(sets {e.owner}.{e.key}): {e.key} {e.problem}") from None
+            note = " (in a recipe, total_step is max_steps)" if "total_step" in e.problem else ""
+            raise ConfigError(e.key, e.problem + note) from None
+
+    def bnb_config(self):
+        """``transformers.BitsAndBytesConfig`` from ``quantization`` (dtype names as strings), or None."""
+        if not self.quantization:
+            return None
+        import inspect
+
+        from transformers import BitsAndBytesConfig
+
+        allowed = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(self.quantization) - allowed)
+        if unknown:
+            raise ConfigError("quantization", f"keys {unknown} are not BitsAndBytesConfig arguments; allowed: {sorted(allowed)}")
+        q = dict(self.quantization)
+        if bool(q.get("load_in_4bit")) == bool(q.get("load_in_8bit")):
+            raise ConfigError("quantization", f"must set exactly one of load_in_4bit / load_in_8bit to true, got {q}")
+        for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+            if isinstance(q.get(key), str):
+                if q[key] not in DTYPES and q[key] != "uint8":
+                    raise ConfigError(f"quantization.{key}", f"={q[key]!r}; choose one of {list(DTYPES) + ['uint8']}")
+                q[key] = getattr(torch, q[key])
+        if q.get("bnb_4bit_quant_type", "nf4") not in ("nf4", "fp4"):
+            raise ConfigError("quantization.bnb_4bit_quant_type", f"={q['bnb_4bit_quant_type']!r}; choose 'nf4' or 'fp4'")
+        return BitsAndBytesConfig(**q)
+
+    def to_dict(self) -> dict:
+        """The flat form: every key as it is written in YAML (library fields the recipe derives left out)."""
+        flat = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("adapter", "sparsity"):
+                flat.update({k: v for k, v in dataclasses.asdict(value).items() if k not in DERIVED} if value else {})
+            else:
+                flat[f.name] = value
+        return flat
+
+
+def _check_choice(key: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check_trackers(names: list[str]) -> None:
+    """accelerate drops a tracker whose package is missing without a word; say so before training instead."""
+    if not names:
+        return
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError("report_to", f"entry {name!r} is not a tracker; choose from {sorted(LOGGER_TYPE_TO_CLASS)}")
+        if name not in available:
+            raise ConfigError("report_to", f"entry {name!r}: its package is not installed (pip install {name})")
+
+
+OWN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"adapter", "sparsity"}
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} - set(DERIVED)
+
+
+def key_owner(key: str, method: str) -> type:
+    """The dataclass that defines recipe key ``key`` for ``method``; an error naming the key if none does."""
+    if key in OWN_KEYS:
+        return TrainConfig
+    if key in _field_names(ADAPTER_CONFIGS[method]):
+        return ADAPTER_CONFIGS[method]
+    if key in _field_names(LambdaSchedule):
+        if method == "sora":
+            return LambdaSchedule
+        raise ConfigError(key, f"is a SoRA key (LambdaSchedule); with method: {method} leave it out")
+    for other, cls in ADAPTER_CONFIGS.items():
+        if key in _field_names(cls):
+            raise ConfigError(key, f"belongs to {cls.__name__}; with method: {method} leave it out (or set method: {other})")
+    if key in DERIVED:
+        raise ConfigError(key, f"is set by the recipe from {DERIVED[key]}; set {DERIVED[key]} instead")
+    known = OWN_KEYS | _field_names(ADAPTER_CONFIGS[method]) | (_field_names(LambdaSchedule) if method == "sora" else set())
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f"did you mean {close}?" if close else f"known keys: {sorted(known)}"
+    raise ConfigError(key, f"is not a config key for method: {method}; {hint}")
+
+
+def from_flat(values: dict, sources: dict | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from flat keys (YAML form), each checked against the type of the field that defines it.
+    ``sources`` names where each key came from, for the error messages."""
+    sources = sources or {}
+    method = values.get("method", "sora")
+    _check_choice("method", method, tuple(ADAPTER_CONFIGS))
+    parts: dict[type, dict] = {TrainConfig: {}, ADAPTER_CONFIGS[method]: {}, LambdaSchedule: {}}
+    for key, value in values.items():
+        try:
+            owner = key_owner(key, method)
+        except ConfigError as e:
+            raise ConfigError(key, f"(from {sources.get(key, 'the config')}) {e.problem}") from None
+        parts[owner][key] = _coerce(key, value, sources.get(key, "the config"), owner)
+    own = parts[TrainConfig]
+    max_steps, seed = (own.get(k, TrainConfig.__dataclass_fields__[k].default) for k in ("max_steps", "seed"))
+    try:
+        if method == "adalora":
+            adapter, sparsity = AdaLoRAConfig(**parts[AdaLoRAConfig], total_step=max_steps, init_seed=seed), None
+        else:
+            adapter = SoRAConfig(**parts[SoRAConfig], init_seed=seed)
+            lambdas = parts[LambdaSchedule]
+            sparsity = LambdaSchedule(**{**lambdas, "lambda_ramp_steps": lambdas.get("lambda_ramp_steps") or max_steps})
+    except ConfigError as e:
+        note = " (in a recipe, total_step is max_steps)" if "total_step" in e.problem else ""
+        raise ConfigError(e.key, e.problem + note) from None
+    return TrainConfig(**own, adapter=adapter, sparsity=sparsity)
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _coerce(key: str, value, source: str, owner: type):
+    hint = typing.get_type_hints(owner)[key]
+    if isinstance(value, str) and not _type_ok(value, hint):
+        value = _number(value, hint)
+    if isinstance(value, bool) and not _type_ok(value, hint) and _type_ok("", hint):
+        value = "yes" if value else "no"  # YAML 1.1 reads `mixed_precision: no` as False; the key wants the word
+    if not _type_ok(value, hint):
+        raise ConfigError(key, f"(from {source}) got {value!r} of type {type(value).__name__}; expected {_hint_name(hint)}")
+    if hint is float or (typing.get_origin(hint) in (typing.Union, types.UnionType) and float in typing.get_args(hint)):
+        if isinstance(value, int):
+            value = float(value)
+    return value
+
+
+def _number(text: str, hint):
+    """YAML 1.1 reads ``1e-3`` as a string; accept it (and ``8``-like text) where the field is numeric."""
+    for kind in (int, float):
+        if _type_ok(kind(1), hint):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    return text
+
+
+def _hint_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
+    """Split ``[--config F] [--key value | --key=value ...]`` into the config path and raw overrides."""
+    config_path, overrides, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError("argument", f"{arg!r} is unexpected; use --config FILE.yaml and --key value overrides")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key}", "needs a value")
+            value, i = argv[i + 1], i + 1
+        i += 1
+        key = key.replace("-", "_")
+        if key == "local_rank":  # added by the `deepspeed` launcher; the rank is read from LOCAL_RANK instead
+            continue
+        if key == "config":
+            config_path = value
+        else:
+            overrides[key] = yaml.safe_load(value) if value != "" else ""
+    return config_path, overrides
+
+
+def load_config(argv: list[str] | None = None, default_config: str | Path | None = None) -> TrainConfig:
+    """The :class:`TrainConfig` of a recipe run: dataclass defaults < the YAML < ``--key value`` overrides.
+
+    The YAML is ``--config`` if given, else ``default_config`` (an entry script's own, self-contained YAML).
+    """
+    import sys
+
+    config_path, overrides = parse_overrides(sys.argv[1:] if argv is None else argv)
+    config_path = config_path or (str(default_config) if default_config else None)
+    values = {**_read_yaml(config_path), **overrides}
+    sources = {key: "command line" if key in overrides else config_path for key in values}
+    return from_flat(values, sources)
+
+
+def _read_yaml(path: str | None) -> dict:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", f"{path!r}: no such file")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path!r} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,37 @@
+"""Held-out loss and next-token accuracy of a run, exact across process counts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batches import IGNORE_INDEX
+from ..engine.quantized import check_4bit_layout
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator) -> dict[str, float]:
+    """Token-weighted loss and next-token accuracy over supervised tokens, summed across processes.
+
+    Per-example sums go through ``gather_for_metrics``: with several processes accelerate pads the last batches
+    by repeating examples, which a plain sum would count twice (and the eval would depend on the process count).
+    """
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    for batch in loader:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        logits = model(**inputs).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        picked, target = logits[mask].float(), labels[mask]  # fp32 only for the supervised positions
+        per_token = torch.stack([F.cross_entropy(picked, target, reduction="none").double(),
+                                 torch.ones_like(target, dtype=torch.float64),
+                                 (picked.argmax(-1) == target).double()], dim=1)
+        per_example = torch.zeros(labels.shape[0], 3, dtype=torch.float64, device=per_token.device)
+        per_example.index_add_(0, mask.nonzero()[:, 0], per_token)
+        totals += accelerator.gather_for_metrics(per_example).sum(0)
+    check_4bit_layout(model)
+    model.train(was_training)
+    n = max(totals[1].item(), 1.0)
+    return {"loss": totals[0].item() / n, "token_accuracy": totals[2].item() / n}

@@ -1,0 +1,158 @@
+"""What a run trains on: the accelerator, the tokenizer and the base model (loaded, built from a config, quantized)."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from ..engine import check_deepspeed_version, without_zero_init, zero_stage
+from ..engine.atomic import atomic_dir
+from .config import ConfigError, TrainConfig
+
+
+def build_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    # Launched on several processes without a GPU, accelerate would pick no backend (and DeepSpeed would then see
+    # one process): ask for gloo. A plain single process must not ask, or accelerate expects a process group.
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=10))] if multi and not torch.cuda.is_available() else []
+    plugin = GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False)
+    ds_plugin = None
+    if cfg.deepspeed_config and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true":
+        # Started by `deepspeed` or torchrun rather than `accelerate launch`: build the plugin from the JSON.
+        stage = json.loads(Path(cfg.deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0)
+        ds_plugin = DeepSpeedPlugin(hf_ds_config=cfg.deepspeed_config, zero3_init_flag=stage == 3)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_plugin=plugin,
+        kwargs_handlers=handlers,
+        deepspeed_plugin=ds_plugin,
+        log_with=cfg.report_to or None,
+        project_dir=cfg.output_dir,
+    )
+    ds = accelerator.state.deepspeed_plugin
+    if ds is not None:
+        check_deepspeed_version()
+        if ds.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+            ds.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm  # the recipe YAML owns clipping
+    return accelerator
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    if name:
+        tok = AutoTokenizer.from_pretrained(name)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    from ..data.tokenizer import build_byte_tokenizer
+
+    return build_byte_tokenizer()
+
+
+def load_model(cfg: TrainConfig, path: str, quantization=None, device=None):
+    """The base model from ``path`` (a folder or a hub id).
+
+    Under ZeRO-3 (accelerate's DeepSpeed plugin with ``zero3_init_flag``) transformers loads it inside
+    ``deepspeed.zero.Init``: every rank only ever holds its own slice of the base weights. With ``quantization``
+    (a ``BitsAndBytesConfig``) the weights are quantized while loading, on ``device`` (None under ZeRO-3).
+    """
+    from transformers import AutoModelForCausalLM
+
+    extra = {"quantization_config": quantization} if quantization else {}
+    if quantization and device is not None:
+        extra["device_map"] = {"": device}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.torch_dtype), **extra)
+
+
+def build_base_model(cfg: TrainConfig, tokenizer, path: Path, accelerator):
+    """Build the ``model_config`` base once, seeded, on the main process, and save it to ``path``.
+
+    Why once and outside ``zero.Init``: under ZeRO-3 transformers would initialise each rank's slice with its own
+    random draws, so the same seed gave another base at another process count or stage. Here the base depends on
+    the seed only; every other process (and every ZeRO-3 process) loads the saved copy. Returns the built model on
+    the main process, ``None`` elsewhere. Collective (a barrier).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = None
+    if accelerator.is_main_process:
+        kwargs = dict(cfg.model_config)
+        config = AutoConfig.for_model(
+            kwargs.pop("model_type", "llama"),
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **kwargs,
+        )
+        # Saving inside too: with ZeRO-3 on, save_pretrained would gather (a collective) on this process alone.
+        with without_zero_init(accelerator.state.deepspeed_plugin), atomic_dir(path) as tmp:
+            torch.manual_seed(cfg.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.torch_dtype))
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    return model
+
+
+def check_quantization(cfg: TrainConfig, accelerator) -> None:
+    """Refuse quantization + DeepSpeed combinations that cannot work, before anything is loaded."""
+    ds = accelerator.state.deepspeed_plugin
+    q = cfg.quantization
+    if not q or ds is None:
+        return
+    zero = ds.deepspeed_config.get("zero_optimization", {})
+    offloaded = [k for k in ("offload_param", "offload_optimizer") if zero.get(k, {}).get("device", "none") not in ("none", None)]
+    if offloaded:
+        raise ConfigError(
+            "quantization", f"with DeepSpeed {offloaded} is not supported (CPU offload with a quantized base uses more "
+            "GPU memory, not less); use launch/accelerate/zero3.yaml or zero2.yaml"
+        )
+    if zero.get("stage") == 3:
+        if q.get("load_in_8bit"):
+            raise ConfigError(
+                "quantization.load_in_8bit", "cannot be sharded by ZeRO-3 (int8 weights cannot be flattened); use "
+                f"load_in_4bit with bnb_4bit_quant_storage: {cfg.torch_dtype}, or ZeRO-2"
+            )
+        if q.get("bnb_4bit_quant_storage") != cfg.torch_dtype:
+            raise ConfigError(
+                "quantization.bnb_4bit_quant_storage", f"must be {cfg.torch_dtype} for 4-bit under ZeRO-3 (the model's "
+                f"torch_dtype) so the packed weights can be flattened and sharded; got "
+                f"{q.get('bnb_4bit_quant_storage')!r}"
+            )
+
+
+def base_model(cfg: TrainConfig, tokenizer, out: Path, accelerator):
+    """The frozen base, ready for :func:`sora_ds.inject`: loaded (quantized while loading, partitioned under ZeRO-3),
+    or built from ``model_config`` into ``out/base_model`` first."""
+    quantization = cfg.bnb_config()
+    zero3 = zero_stage(accelerator) == 3
+    source, model = cfg.model_name_or_path, None
+    if not source:
+        source = str(out / "base_model")
+        model = build_base_model(cfg, tokenizer, out / "base_model", accelerator)
+    if model is None or quantization is not None or zero3:
+        # Quantize while loading (bitsandbytes quantizes on placement); under ZeRO-3 load partitioned.
+        del model
+        model = load_model(cfg, source, quantization, device=None if zero3 else accelerator.device)
+    if quantization is not None and not zero3:
+        from peft import prepare_model_for_kbit_training
+
+        # Norms and other small float params go to fp32 for stable training on a quantized base.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # Training never reads a KV cache; without one, packed rows (position_ids, no attention mask) also get their
+    # block-diagonal mask (transformers only looks for packed sequences when there is no cache).
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: correct with a frozen base (no inputs needing grad) and under ZeRO-3.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

@@ -1,0 +1,276 @@
+"""The training loop behind every recipe, in phases: set-up -> data -> model -> prepare -> (step -> log -> stage ->
+checkpoint)* -> finish. What the phases share is one :class:`Run`; ``Run.progress`` is what a checkpoint saves.
+
+Outputs in ``output_dir``: ``config.yaml`` (resolved config), ``metrics.jsonl``, ``summary.json``,
+``rank_heatmap.png``, ``adapter/`` (PEFT LoRA export), ``base_model/`` (when the base was built from a config),
+``merged/`` (with ``save_merged: true``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..adapters.compact import adapter_tensors, rank_report
+from ..adapters.export import export_peft, save_merged
+from ..adapters.inject import adapter_layers, inject
+from ..adapters.optim import adalora_budget, build_optimizer, gate_l1_penalty, set_sparse_lambda
+from ..adapters.orthogonal import orth_loss
+from ..adapters.schedule import StageRecorder
+from ..data.batches import EpochSampler, micro_batches, supervised_tokens
+from ..data.chat import build_datasets, collate
+from ..engine import check_deepspeed_internals, sharding_report, zero_stage
+from .checkpoint import keep_trainable_only, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import TrainConfig, load_config, save_config
+from .evaluate import evaluate
+from .model import base_model, build_accelerator, check_quantization, load_tokenizer
+from .summary import adapter_params, plot_rank_heatmap, rank_table, retained_fraction
+
+
+def main(argv: list[str] | None = None, default_config: str | Path | None = None) -> dict:
+    """Entry point of the recipe scripts: ``--config``/overrides (or ``default_config``) -> train -> the summary."""
+    return train(load_config(argv, default_config))[1]
+
+
+@dataclass
+class Run:
+    """The state the phases share."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    out: Path
+    plain: nn.Module  # the model with its adapter layers, as the user would hold it
+    model: nn.Module  # the same, as accelerate prepared it (a DeepSpeed engine under ZeRO)
+    optimizer: Any
+    lr_scheduler: Any
+    batches: Any  # the training micro-batches, resumed where the last checkpoint left off
+    eval_dl: DataLoader | None
+    mem_dl: DataLoader  # a slice of the training data: the memorization score of each sparsity stage
+    shapes: dict[str, tuple[int, int]]  # (in, out) features of every adapted layer
+    progress: dict  # step, micro_batches, stages: saved in checkpoints
+    stages: StageRecorder
+    started: float
+    trainable: list = field(default_factory=list)  # the prepared model's trainable parameters (what is clipped)
+    started_training: float = 0.0
+    window: list = field(default_factory=lambda: [0.0, 0])  # loss sum and steps since the last log line
+    bar: Any = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
+def train(cfg: TrainConfig, on_step=None):
+    """Train and write the outputs; returns ``(model with its adapter layers, summary)``.
+
+    ``on_step(step, model, optimizer)``, if given, runs on every rank after each optimizer step (``model`` and
+    ``optimizer`` as accelerate prepared them); tests use it to look into the ZeRO state mid-run.
+    """
+    run = start(cfg)
+    for step in range(run.progress["step"], cfg.max_steps):
+        optimizer_step(run, step)
+        done = step + 1
+        if on_step is not None:
+            on_step(done, run.model, run.optimizer)
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            log(run, done)
+        lambdas = cfg.sparsity
+        if lambdas is not None and (lambdas.is_stage_end(step) or (lambdas.sparsify_stages and done == cfg.max_steps)):
+            record_stage(run, step)
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+            run.progress["stages"] = run.stages.as_dicts()
+            save_checkpoint(run.accelerator, run.plain, run.out, done, run.progress, keep=cfg.save_total_limit)
+    return run.plain, finish(run)
+
+
+def start(cfg: TrainConfig) -> Run:
+    """Set-up, data, model, optimizer, accelerate's prepare and the resume: everything before the first step."""
+    started = time.perf_counter()
+    accelerator = build_accelerator(cfg)
+    out = Path(cfg.output_dir)
+    resume = resolve_checkpoint(cfg.resume_from, out) if cfg.resume_from else None
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    # Cheap checks and the data first: a bad combination or a malformed dataset fails before any model is loaded.
+    check_quantization(cfg, accelerator)
+    tokenizer = load_tokenizer(cfg)
+    train_ds, eval_ds = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed, cfg.packing)
+    plain = base_model(cfg, tokenizer, out, accelerator)
+    inject(plain, cfg.adapter)
+    optimizer, lr_scheduler = build_optimizer_and_schedule(cfg, plain)
+    train_dl, eval_dl, mem_dl = loaders(cfg, tokenizer, train_ds, eval_ds)
+    keep_trainable_only(accelerator, plain)
+    model, optimizer, train_dl, lr_scheduler = accelerator.prepare(plain, optimizer, train_dl, lr_scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    check_deepspeed_internals(trainable, zero_stage(accelerator))
+    eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
+    mem_dl = accelerator.prepare(mem_dl)
+    progress = {"step": 0, "micro_batches": 0, "stages": []}
+    if resume is not None:
+        progress = load_checkpoint(accelerator, resume)
+        accelerator.print(f"resumed from {resume} at step {progress['step']}")
+    run = Run(cfg=cfg, accelerator=accelerator, out=out, plain=plain, model=model, optimizer=optimizer,
+              lr_scheduler=lr_scheduler, batches=micro_batches(train_dl, progress["micro_batches"]), eval_dl=eval_dl,
+              mem_dl=mem_dl, shapes={n: (m.in_features, m.out_features) for n, m in adapter_layers(plain)},
+              progress=progress, stages=StageRecorder.from_dicts(progress["stages"]), started=started, trainable=trainable)
+    open_logs(run, resumed=resume is not None)
+    return run
+
+
+def build_optimizer_and_schedule(cfg: TrainConfig, model: nn.Module):
+    lambdas = cfg.sparsity
+    optimizer = build_optimizer(
+        model,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        sparse_lambda=lambdas(0) if lambdas is not None else 0.0,
+        threshold_mode=cfg.threshold_mode,
+        gate_learning_rate=cfg.gate_learning_rate,
+    )
+    from transformers import get_scheduler
+
+    return optimizer, get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, cfg.max_steps)
+
+
+def loaders(cfg: TrainConfig, tokenizer, train_ds, eval_ds) -> tuple[DataLoader, DataLoader | None, DataLoader]:
+    """Training (seeded, resumable order), held-out, and memorization (a training slice the size of the eval set)."""
+    collate_fn = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
+    bs = cfg.per_device_train_batch_size
+    train_dl = DataLoader(train_ds, bs, sampler=EpochSampler(len(train_ds), cfg.seed), collate_fn=collate_fn, drop_last=True)
+    eval_dl = DataLoader(eval_ds, bs, collate_fn=collate_fn) if eval_ds else None
+    mem_ds = train_ds.select(range(min(len(train_ds), len(eval_ds) if eval_ds else 64)))
+    return train_dl, eval_dl, DataLoader(mem_ds, bs, collate_fn=collate_fn)
+
+
+def open_logs(run: Run, resumed: bool) -> None:
+    """Trackers, ``metrics.jsonl`` (cut back to the resumed step) and the progress bar."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if cfg.report_to:
+        # Trackers take scalars (TensorBoard's hparams): lists and mappings go in as their text.
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()}
+        accelerator.init_trackers(run.out.resolve().name, config=hparams)
+    if accelerator.is_main_process:
+        lines = run.metrics_path.read_text().splitlines(keepends=True) if resumed and run.metrics_path.is_file() else []
+        run.metrics_path.write_text("".join(line for line in lines if json.loads(line)["step"] <= run.progress["step"]))
+    from tqdm.auto import tqdm
+
+    run.bar = tqdm(total=cfg.max_steps, initial=run.progress["step"], disable=not accelerator.is_local_main_process,
+                   desc=cfg.method)
+    run.model.train()
+    run.started_training = time.perf_counter()
+
+
+def optimizer_step(run: Run, step: int) -> None:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+    cfg, accelerator, model = run.cfg, run.accelerator, run.model
+    if cfg.sparsity is not None:
+        set_sparse_lambda(run.optimizer, cfg.sparsity(step))
+    micro = [next(run.batches) for _ in range(cfg.gradient_accumulation_steps)]
+    # Normalise by the supervised tokens of the whole optimizer step on all ranks, so the gradient is the same
+    # token mean whatever the process count or accumulation (DDP/ZeRO average over ranks, backward over micro).
+    n_items = accelerator.reduce(sum(supervised_tokens(b) for b in micro).to(accelerator.device), reduction="sum")
+    undo_means = accelerator.num_processes * cfg.gradient_accumulation_steps
+    orth_weight = cfg.adapter.orth_reg_weight if cfg.method == "adalora" else 0.0
+    step_loss = torch.zeros((), device=accelerator.device)
+    for batch in micro:
+        with accelerator.accumulate(model):
+            loss = model(**batch, num_items_in_batch=n_items).loss
+            # The penalties are per optimizer step: backward's 1/accumulation and the ranks' mean undo each other.
+            accelerator.backward(loss * undo_means + gate_l1_penalty(run.plain, cfg.gate_l1) + orth_loss(run.plain, orth_weight))
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        step_loss += loss.detach().float()
+    run.window[0] += accelerator.reduce(step_loss, reduction="sum").item()
+    run.window[1] += 1
+    run.progress["step"], run.progress["micro_batches"] = step + 1, run.progress["micro_batches"] + len(micro)
+    run.bar.update(1)
+
+
+def log(run: Run, done: int) -> None:
+    """One line of ``metrics.jsonl`` and the trackers: mean loss since the last line, lr, lambda or budget, ranks."""
+    cfg, accelerator = run.cfg, run.accelerator
+    record = {"step": done, "loss": run.window[0] / run.window[1], "lr": run.lr_scheduler.get_last_lr()[0]}
+    if cfg.sparsity is None:
+        record["budget"] = adalora_budget(run.optimizer)
+    else:
+        record["lambda"] = cfg.sparsity(done - 1)
+    record["active_ranks"] = sum(r["kept"] for r in rank_report(run.plain).values())
+    run.window[:] = [0.0, 0]
+    if cfg.eval_every and run.eval_dl is not None and done % cfg.eval_every == 0:
+        record["eval_loss"] = evaluate(run.model, run.eval_dl, accelerator)["loss"]
+    run.bar.set_postfix(loss=f"{record['loss']:.3f}", ranks=record["active_ranks"])
+    if accelerator.is_main_process:
+        with run.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
+
+
+def record_stage(run: Run, step: int) -> None:
+    """At the end of a sparsity stage: non-zero adapter parameters, memorization and generalization scores."""
+    accelerator = run.accelerator
+    mem = evaluate(run.model, run.mem_dl, accelerator)["token_accuracy"]
+    gen = evaluate(run.model, run.eval_dl, accelerator)["token_accuracy"] if run.eval_dl is not None else math.nan
+    run.stages.record(
+        stage=run.cfg.sparsity.stage(step),
+        step=step + 1,
+        sparse_lambda=run.cfg.sparsity(step),
+        nonzero_params=adapter_params(rank_report(run.plain), run.shapes),
+        memorization_score=mem,
+        generalization_score=gen,
+    )
+
+
+def finish(run: Run) -> dict:
+    """Final eval, the PEFT export, ``summary.json``, the rank heatmap and table; ``merged/`` if asked."""
+    cfg, accelerator, out, plain = run.cfg, run.accelerator, run.out, run.plain
+    run.bar.close()
+    train_time = time.perf_counter() - run.started_training
+    final = evaluate(run.model, run.eval_dl, accelerator) if run.eval_dl is not None else {"loss": math.nan, "token_accuracy": math.nan}
+    report = rank_report(plain)
+    export_peft(plain, out / "adapter", base_model_name_or_path=cfg.model_name_or_path or str((out / "base_model").resolve()))
+    summary = {
+        "method": cfg.method,
+        "initial_ranks": {n: r["initial"] for n, r in report.items()},
+        "kept_ranks": {n: r["kept"] for n, r in report.items()},
+        "total_initial_ranks": sum(r["initial"] for r in report.values()),
+        "total_kept_ranks": sum(r["kept"] for r in report.values()),
+        "retained_adapter_param_fraction": retained_fraction(report, run.shapes),
+        "final_eval_loss": final["loss"],
+        "final_eval_token_accuracy": final["token_accuracy"],
+        "steps": cfg.max_steps,
+        "num_processes": accelerator.num_processes,
+        "zero_stage": zero_stage(accelerator),
+        **sharding_report(plain, adapter_tensors([m for _, m in adapter_layers(plain)])),
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - run.started,
+        "stages": run.stages.as_dicts(),
+    }
+    if accelerator.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_rank_heatmap(report, out / "rank_heatmap.png")
+        accelerator.print(rank_table(report))
+        accelerator.print(
+            f"retained adapter params: {summary['retained_adapter_param_fraction']:.1%}  "
+            f"final eval loss: {final['loss']:.4f}  wall time: {summary['wall_time_s']:.1f}s  -> {out}"
+        )
+    if cfg.save_merged:
+        if accelerator.state.deepspeed_plugin is not None:
+            accelerator.print("save_merged is skipped under DeepSpeed; merge the exported adapter afterwards")
+        elif accelerator.is_main_process:
+            save_merged(plain, out / "merged")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary

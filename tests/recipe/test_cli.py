@@ -1,0 +1,73 @@
+"""The `sora-ds` command on a real (tiny) run: export from a checkpoint, merge, report, and its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from sora_ds.recipe.cli import main
+from sora_ds.recipe.train import train
+from sora_ds.recipe.config import load_config
+from tests.support import SORA_DEMO
+
+pytestmark = pytest.mark.recipe
+
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train(load_config(["--max_steps", "6", "--save_every", "3", "--log_every", "3", "--sparsify_stages", "2",
+                       "--output_dir", str(out)], SORA_DEMO))
+    return out
+
+
+def test_export_from_checkpoint_and_from_run(run_dir, tmp_path, capsys):
+    ckpt = run_dir / "checkpoints" / "step-0000003"
+    assert main(["export", str(ckpt), str(tmp_path / "a")]) == 0
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "a" / f).read_bytes() == (ckpt / "adapter" / f).read_bytes()
+    assert main(["export", str(run_dir), str(tmp_path / "b")]) == 0  # the run's final adapter
+    assert (tmp_path / "b" / "adapter_model.safetensors").read_bytes() == \
+        (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_export_errors_say_what_is_expected(tmp_path, capsys):
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "no PEFT adapter found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_equals_the_adapter_on_its_base(run_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert main(["merge", "--base", str(run_dir / "base_model"), "--adapter", str(run_dir), str(tmp_path / "m")]) == 0
+    ids = torch.randint(7, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "base_model"),
+                                         run_dir / "adapter").eval()(input_ids=ids).logits
+    assert (merged - peft).abs().max().item() <= 1e-4
+    assert (tmp_path / "m" / "tokenizer_config.json").is_file()
+
+
+def test_report_prints_ranks_and_stages_and_draws_heatmap(run_dir, capsys):
+    (run_dir / "rank_heatmap.png").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert f"total kept ranks: {summary['total_kept_ranks']}/{summary['total_initial_ranks']}" in out
+    assert "stage 1 (step 6" in out
+    assert (run_dir / "rank_heatmap.png").is_file()
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("sora-ds")
+    assert exe, "the sora-ds console script is not on PATH (pip install -e . registers it)"
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "export" in proc.stdout and "merge" in proc.stdout

@@ -1,0 +1,79 @@
+"""The recipe config: YAML and overrides, errors that name the recipe key, one definition per knob, round trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from sora_ds.recipe.config import ConfigError, load_config, save_config
+from tests.support import ADALORA_DEMO, SORA_DEMO
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--learning_rat", "1e-3"], r"learning_rat \(from command line\) is not a config key.*'learning_rate'"),
+        (["--r", "eight"], r"^r \(from command line\) got 'eight' of type str; expected int"),
+        (["--target_r", "4"], r"target_r \(from command line\) belongs to AdaLoRAConfig; with method: sora leave it out"),
+        (["--init_seed", "4"], r"init_seed .* is set by the recipe from seed; set seed instead"),
+        (["--r", "0"], r"^r must be a positive integer, got 0$"),
+        (["--threshold_mode", "relative"], "threshold_mode='relative'.*lr_scaled"),
+        (["--lambda_schedule", "cosine"], r"^lambda_schedule must be one of \['constant', 'linear', 'loglinear', 'exp'\], got 'cosine'$"),
+        (["--max_steps", "0"], "max_steps must be >= 1"),
+        (["--lambda_ramp_steps", "5", "--lambda_schedule", "linear", "--sparsify_stages", "8"],
+         r"^sparsify_stages=8 exceeds lambda_ramp_steps=5$"),
+        (["--config", "does/not/exist.yaml"], "no such file"),
+        (["--lambda_schedule", "loglinear", "--lambda_start", "0"], r"^lambda_start must be > 0 for lambda_schedule='loglinear', got 0.0$"),
+        (["--target_modules", "[]"], "target_modules"),
+        (["stray"], r"^argument 'stray' is unexpected; use --config FILE.yaml and --key value overrides$"),
+    ],
+)
+def test_config_errors_name_the_key(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(argv, SORA_DEMO)
+
+
+def test_yaml_config_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("r: 4\nsparse_lambda: 0.5\nlearning_rate: 1e-3\n")
+    cfg = load_config(["--config", str(path), "--r", "2"], SORA_DEMO)
+    assert (cfg.adapter.r, cfg.sparsity.sparse_lambda, cfg.learning_rate) == (2, 0.5, 1e-3)
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"]  # the SoRAConfig default: the YAML is the whole config
+    (tmp_path / "bad.yaml").write_text("r: 4\nbogus_key: 1\n")
+    with pytest.raises(ConfigError, match="bogus_key"):
+        load_config(["--config", str(tmp_path / "bad.yaml")], SORA_DEMO)
+
+
+@pytest.mark.parametrize(
+    "report_to, match",
+    [("[tensorboardx]", r"report_to entry 'tensorboardx' is not a tracker"),
+     ("[swanlab]", r"report_to entry 'swanlab': its package is not installed \(pip install swanlab\)")],
+)
+def test_unknown_or_missing_tracker_is_refused(report_to, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(["--report_to", report_to], SORA_DEMO)
+
+
+def test_every_library_field_is_a_recipe_key_with_one_owner():
+    """The adapter and schedule keys come from the library's dataclasses (one definition per knob): each of their
+    fields is a recipe key owned by that dataclass, and none collides with a recipe field."""
+    from dataclasses import fields
+
+    from sora_ds import LambdaSchedule
+    from sora_ds.recipe.config import ADAPTER_CONFIGS, DERIVED, OWN_KEYS, key_owner
+
+    for method, cls in ADAPTER_CONFIGS.items():
+        owners = [cls] + ([LambdaSchedule] if method == "sora" else [])
+        for owner in owners:
+            names = {f.name for f in fields(owner)} - set(DERIVED)
+            assert not names & OWN_KEYS
+            assert {key_owner(k, method) for k in names} == {owner}
+
+
+@pytest.mark.parametrize("demo", [SORA_DEMO, ADALORA_DEMO], ids=["sora", "adalora"])
+def test_saved_config_loads_back_equal(demo, tmp_path):
+    cfg = load_config(["--r", "16", "--seed", "7", "--max_steps", "150"], demo)
+    assert cfg.adapter.init_seed == 7 and (cfg.method == "sora" or cfg.adapter.total_step == 150)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(["--config", str(tmp_path / "config.yaml")]) == cfg

@@ -1,0 +1,158 @@
+"""The main recipe end to end on CPU: expected losses for a fixed seed, output contract, export, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sora_ds.data.chat import DataError
+from sora_ds.recipe.train import train
+from sora_ds.recipe.config import load_config
+from tests.support import REPO, SORA_DEMO, assert_run_reloads_in_peft, metrics
+
+pytestmark = pytest.mark.recipe
+
+RECIPE = REPO / "recipes" / "llama_sora.py"
+EXPECTED = REPO / "tests" / "fixtures" / "expected_default_losses.json"
+
+
+def test_default_recipe_matches_checked_in_losses(tmp_path):
+    """The embedded default, first 6 steps, fixed seed: per-step losses equal the checked-in values."""
+    cfg = load_config(["--max_steps", "6", "--log_every", "1", "--output_dir", str(tmp_path)], SORA_DEMO)
+    train(cfg)
+    got = [r["loss"] for r in metrics(tmp_path)]
+    expected = json.loads(EXPECTED.read_text())["losses"]
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 7))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+    for key in ("step", "loss", "lr", "lambda", "active_ranks"):
+        assert key in metrics(tmp_path)[0]
+
+
+def test_default_recipe_prunes_and_exports_loadable_adapter(tmp_path):
+    """The full embedded default: loss falls, gates hit exactly zero, the PEFT export reproduces the model."""
+
+    cfg = load_config(["--output_dir", str(tmp_path)], SORA_DEMO)
+    model, summary = train(cfg)
+
+    records = metrics(tmp_path)
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < 0.5 * first, (first, last)
+    assert summary["total_kept_ranks"] < summary["total_initial_ranks"]
+    assert any(k < summary["initial_ranks"][n] for n, k in summary["kept_ranks"].items())
+    assert 0 < summary["retained_adapter_param_fraction"] < 1
+    assert summary["final_eval_loss"] < first
+    for name in ("summary.json", "rank_heatmap.png", "config.yaml", "adapter/adapter_config.json", "base_model/config.json"):
+        assert (tmp_path / name).exists(), name
+    adapter_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter_cfg["rank_pattern"].values()) == sorted(k for k in summary["kept_ranks"].values() if k)
+
+    assert_run_reloads_in_peft(model, tmp_path)
+
+
+def test_quickstart_launch_command_runs(tmp_path):
+    """`accelerate launch recipes/llama_sora.py` (the Quickstart) works; a few steps keep it short."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", str(RECIPE),
+         "--max_steps", "3", "--output_dir", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
+
+
+def test_bad_dataset_fails_before_the_model_is_built(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "hi", "answer": "yo"}\n')
+    out = tmp_path / "out"
+    cfg = load_config(["--dataset", str(data), "--output_dir", str(out)], SORA_DEMO)
+    with pytest.raises(DataError, match="question"):
+        train(cfg)
+    assert not (out / "base_model").exists()
+
+
+def test_crash_mid_checkpoint_keeps_last_good_one(tmp_path, monkeypatch):
+    """A failure while writing checkpoint step 4 leaves step 2 as `latest`, complete, and resumable."""
+    import sora_ds.recipe.checkpoint as ckpt
+
+    real_export = ckpt.export_peft
+    calls = {"n": 0}
+
+    def failing_export(model, out_dir, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint dies half-written (after the optimizer state was saved)
+            raise OSError("disk full")
+        return real_export(model, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "export_peft", failing_export)
+    args = ["--max_steps", "6", "--save_every", "2", "--log_every", "1", "--output_dir", str(tmp_path)]
+    with pytest.raises(OSError, match="disk full"):
+        train(load_config(args, SORA_DEMO))
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step-0000002"
+    assert not (root / "step-0000004").exists()
+    assert json.loads((root / "step-0000002" / "trainer_state.json").read_text())["step"] == 2
+    assert (root / "step-0000002" / "adapter" / "adapter_model.safetensors").is_file()
+
+    monkeypatch.setattr(ckpt, "export_peft", real_export)
+    _, resumed = train(load_config([*args, "--resume_from", "latest", "--save_total_limit", "1"], SORA_DEMO))
+    assert resumed["steps"] == 6
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    # save_total_limit 1: the step-4 checkpoint replaced step 2 once it was complete (step 6 is the end: no save)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-0000004"]
+    assert (root / "latest").read_text() == "step-0000004"
+
+
+def test_staged_sparsifying_scheduler_records_each_stage(tmp_path):
+    """sparsify_stages=3 over 9 steps: lambda steps up per stage, and each stage end records the paper's ratios."""
+    args = ["--max_steps", "9", "--log_every", "1", "--sparsify_stages", "3", "--lambda_schedule", "linear",
+            "--lambda_start", "0", "--sparse_lambda", "2.0", "--output_dir", str(tmp_path)]
+    _, summary = train(load_config(args, SORA_DEMO))
+    stages = summary["stages"]
+    assert [s["stage"] for s in stages] == [0, 1, 2]
+    assert [s["step"] for s in stages] == [3, 6, 9]
+    assert [s["sparse_lambda"] for s in stages] == [0.0, 1.0, 2.0]
+    assert [r["lambda"] for r in metrics(tmp_path)] == [0.0] * 3 + [1.0] * 3 + [2.0] * 3
+    for key in ("memorization_ratio", "generalization_ratio"):
+        ratios = [s[key] for s in stages]
+        assert max(ratios) == 1.0 and all(0 <= r <= 1 for r in ratios), ratios
+    assert stages[0]["nonzero_params"] >= stages[-1]["nonzero_params"] > 0
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
+    base = ["--max_steps", "3", "--log_every", "1"]
+    model, _ = train(load_config([*base, "--gradient_checkpointing", "true", "--output_dir", str(tmp_path / "gc")],
+                                 SORA_DEMO))
+    # The layers' own flag (transformers >= 5.0; `is_activation_checkpointing` exists only from 5.23).
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    train(load_config([*base, "--output_dir", str(tmp_path / "plain")], SORA_DEMO))
+    with_gc = [r["loss"] for r in metrics(tmp_path / "gc")]
+    without = [r["loss"] for r in metrics(tmp_path / "plain")]
+    torch.testing.assert_close(torch.tensor(with_gc), torch.tensor(without), rtol=1e-5, atol=1e-5)
+
+
+def test_tensorboard_tracker_gets_the_logged_metrics(tmp_path):
+    """report_to: [tensorboard] goes through accelerate's tracker: the event file holds the loss of every logged step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["--max_steps", "4", "--log_every", "2", "--report_to", "[tensorboard]", "--output_dir", str(tmp_path)]
+    train(load_config(args, SORA_DEMO))
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events, sorted(p.name for p in tmp_path.rglob("*"))
+    scalars = {}
+    for event_file in events:
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    logged = {r["step"]: r["loss"] for r in metrics(tmp_path)}
+    assert [s for s, _ in scalars["loss"]] == [2, 4]
+    for step, value in scalars["loss"]:
+        assert value == pytest.approx(logged[step], rel=1e-6)
+    assert "active_ranks" in scalars and "lambda" in scalars
