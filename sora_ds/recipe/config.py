@@ -139,9 +139,8 @@ class TrainConfig:
         wanted = ADAPTER_CONFIGS[self.method]
         if type(self.adapter) is not wanted:
             raise ConfigError("method", f"is {self.method!r} but the adapter config is a {type(self.adapter).__name__}")
-        derived = {"init_seed": self.seed, **({"total_step": self.max_steps} if self.method == "adalora" else {})}
         try:
-            self.adapter = dataclasses.replace(self.adapter, **derived)
+            self.adapter = dataclasses.replace(self.adapter, **_derived(self.method, self.max_steps, self.seed))
             if self.method == "adalora":
                 if self.sparsity not in (None, LambdaSchedule()):
                     raise ConfigError("sparse_lambda", "and the other LambdaSchedule keys are SoRA settings; with "
@@ -152,10 +151,7 @@ class TrainConfig:
             elif self.sparsity.lambda_ramp_steps is None:
                 self.sparsity = dataclasses.replace(self.sparsity, lambda_ramp_steps=self.max_steps)
         except ConfigError as e:
-            if e.key in DERIVED:
-                raise ConfigError(DERIVED[e.key], f"(sets {e.owner}.{e.key}): {e.key} {e.problem}") from None
-            note = " (in a recipe, total_step is max_steps)" if "total_step" in e.problem else ""
-            raise ConfigError(e.key, e.problem + note) from None
+            raise _recipe_error(e) from None
 
     def bnb_config(self):
         """``transformers.BitsAndBytesConfig`` from ``quantization`` (dtype names as strings), or None."""
@@ -255,17 +251,26 @@ def from_flat(values: dict, sources: dict | None = None) -> TrainConfig:
         parts[owner][key] = _coerce(key, value, sources.get(key, "the config"), owner)
     own = parts[TrainConfig]
     max_steps, seed = (own.get(k, TrainConfig.__dataclass_fields__[k].default) for k in ("max_steps", "seed"))
-    try:
-        if method == "adalora":
-            adapter, sparsity = AdaLoRAConfig(**parts[AdaLoRAConfig], total_step=max_steps, init_seed=seed), None
-        else:
-            adapter = SoRAConfig(**parts[SoRAConfig], init_seed=seed)
-            lambdas = parts[LambdaSchedule]
-            sparsity = LambdaSchedule(**{**lambdas, "lambda_ramp_steps": lambdas.get("lambda_ramp_steps") or max_steps})
+    lambdas = parts[LambdaSchedule]
+    try:  # built with the derived fields: AdaLoRA's budget schedule is checked against max_steps, not a default
+        adapter = ADAPTER_CONFIGS[method](**parts[ADAPTER_CONFIGS[method]], **_derived(method, max_steps, seed))
+        sparsity = None if method == "adalora" else LambdaSchedule(
+            **{**lambdas, "lambda_ramp_steps": lambdas.get("lambda_ramp_steps") or max_steps})
     except ConfigError as e:
-        note = " (in a recipe, total_step is max_steps)" if "total_step" in e.problem else ""
-        raise ConfigError(e.key, e.problem + note) from None
+        raise _recipe_error(e) from None
     return TrainConfig(**own, adapter=adapter, sparsity=sparsity)
+
+
+def _derived(method: str, max_steps: int, seed: int) -> dict:
+    """The library fields the recipe sets from its own keys (``DERIVED``)."""
+    return {"init_seed": seed, **({"total_step": max_steps} if method == "adalora" else {})}
+
+
+def _recipe_error(e: ConfigError) -> ConfigError:
+    """A library config error under the recipe's key: a derived field is reported as the recipe key that sets it."""
+    if e.key in DERIVED:
+        return ConfigError(DERIVED[e.key], f"(sets {e.owner}.{e.key}): {e.key} {e.problem}")
+    return ConfigError(e.key, e.problem + (" (in a recipe, total_step is max_steps)" if "total_step" in e.problem else ""))
 
 
 def _type_ok(value, hint) -> bool:
