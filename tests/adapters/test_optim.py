@@ -278,12 +278,12 @@ def test_build_optimizer_bad_learning_rate():
         build_optimizer(model, learning_rate=0.0)
 
 
-def test_build_optimizer_no_sora_layers():
+def test_build_optimizer_without_adapter_layers():
     model = tiny_llama()
     with pytest.raises(ValueError) as info:
         build_optimizer(model)
     assert "inject" in str(info.value)
-    assert "no SoRA" in str(info.value)
+    assert "no adapter layers" in str(info.value)
 
 
 def test_set_sparse_lambda_changes_only_gate_groups():
