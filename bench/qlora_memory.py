@@ -84,60 +84,42 @@ import time
 import warnings
 from pathlib import Path
 
+import harness as h
 import torch
-from _common import cpu_pressure, device_name, percentile
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RANK, ALPHA, LEARNING_RATE, SPARSE_LAMBDA = 8, 16, 1e-4, 1e-6
+RANK, ALPHA, SPARSE_LAMBDA = 8, 16, 1e-6
 TARGET_BYTES_RATIO = 0.35
 TARGET_STEP_RATIO = 1.05
 MIB = 1024**2
+SIZES = ("hidden", "layers", "intermediate", "heads", "vocab")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("memory model (part 1)")
-    g.add_argument("--hidden-size", type=int, default=1024)
-    g.add_argument("--layers", type=int, default=8)
-    g.add_argument("--intermediate-size", type=int, default=2816)
-    g.add_argument("--heads", type=int, default=16)
-    g.add_argument("--vocab-size", type=int, default=4096)
-    g.add_argument("--mem-steps", type=int, default=2, help="training steps (SoRA adapter) inside the peak window")
-    g.add_argument("--mem-batch-size", type=int, default=1)
-    g.add_argument("--mem-seq-len", type=int, default=32)
-    g = p.add_argument_group("timing model (part 2)")
-    g.add_argument("--timing-hidden-size", type=int, default=512)
-    g.add_argument("--timing-layers", type=int, default=4)
-    g.add_argument("--timing-intermediate-size", type=int, default=1408)
-    g.add_argument("--timing-heads", type=int, default=8)
-    g.add_argument("--timing-vocab-size", type=int, default=4096)
+    h.model_args(p, "memory model (part 1)", hidden_size=1024, layers=8, intermediate_size=2816, heads=16,
+                 vocab_size=4096, mem_steps=(2, "training steps (SoRA adapter) inside the peak window"),
+                 mem_batch_size=1, mem_seq_len=32)
+    h.model_args(p, "timing model (part 2)", prefix="timing-", hidden_size=512, layers=4, intermediate_size=1408,
+                 heads=8, vocab_size=4096)
+    g = p.add_argument_group("timing")
     g.add_argument("--timing-same-model", action="store_true", help="time on the memory model instead")
-    g.add_argument(
-        "--timing-dtype",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="dtype= of the 4-bit loads for timing (non-quantized modules); auto: fp32 on CPU, bf16 on CUDA",
-    )
+    g.add_argument("--timing-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="dtype= of the 4-bit loads for timing (non-quantized modules); auto: fp32 on CPU, bf16 on CUDA")
     g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--seq-len", type=int, default=64)
-    g.add_argument("--steps", type=int, default=10, help="timed steps per arm per repeat")
-    g.add_argument("--warmup", type=int, default=2, help="untimed steps per arm before the first repeat")
-    g.add_argument("--repeats", type=int, default=3)
+    h.timing_args(g, steps=10, warmup=2)
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads; default on CPU: half the cores (1 on a 2-core host), on CUDA torch's default",
-    )
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads; default on CPU: half the cores (1 on a 2-core host), on CUDA torch's "
+                   "default")
     g.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
     g.add_argument("--worker", choices=("bf16", "4bit"), default=None, help=argparse.SUPPRESS)
     g.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -155,10 +137,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # helpers
 
 
-
-
-
-
 def proc_status_bytes(field: str) -> int | None:
     """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux), or None."""
     try:
@@ -170,11 +148,6 @@ def proc_status_bytes(field: str) -> int | None:
     return None
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -183,24 +156,9 @@ def device_map(device: torch.device):
     return {"": device.index if device.index is not None else 0} if device.type == "cuda" else "cpu"
 
 
-def save_model(dirpath: Path, hidden: int, layers: int, inter: int, heads: int, vocab: int, max_pos: int,
-               seed: int) -> int:
-    """Build a Llama from LlamaConfig under ``seed``, cast to bf16, save it; returns its parameter count."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max(max_pos, 128),
-        use_cache=False,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+def save_model(dirpath: Path, sizes: tuple, max_pos: int, seed: int) -> int:
+    """Build a Llama (``SIZES``) from LlamaConfig under ``seed``, cast to bf16, save it; returns its parameter count."""
+    model = h.build_llama(*sizes, max_pos, seed).to(torch.bfloat16)
     n = sum(p.numel() for p in model.parameters())
     model.save_pretrained(dirpath)
     del model
@@ -213,19 +171,11 @@ def load_model(model_dir: Path, kind: str, device: torch.device, dtype: torch.dt
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if kind == "bf16":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-        return model.to(device).train()
-    q = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(device),
-        bnb_4bit_quant_storage=torch.bfloat16,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=q, device_map=device_map(device), dtype=dtype
-    )
-    return model.train()
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).train()
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=compute_dtype(device), bnb_4bit_quant_storage=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, device_map=device_map(device),
+                                                dtype=dtype).train()
 
 
 def _quant_state_tensors(qs) -> list[torch.Tensor]:
@@ -281,51 +231,18 @@ def weight_bytes(model: torch.nn.Module) -> dict:
     return figures
 
 
-def make_batch(vocab: int, batch: int, seq: int, seed: int, device: torch.device) -> dict:
-    gen = torch.Generator().manual_seed(seed + 1)
-    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
-    return {"input_ids": ids, "labels": ids}
-
-
-def attach_sora(model):
+def attach_sora(model) -> h.Arm:
     import sora_ds
-    from sora_ds import SoRAConfig
 
-    cfg = SoRAConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), init_seed=0, gate_init="ones")
-    n_adapted = len(sora_ds.inject(model, cfg))
-    opt = sora_ds.build_optimizer(model, learning_rate=LEARNING_RATE, sparse_lambda=SPARSE_LAMBDA)
-    adapter_dtype = next(m.lora_A.dtype for _, m in sora_ds.sora_modules(model))
-    return model, opt, n_adapted, adapter_dtype
+    arm = h.Arm("SoRA-4bit", *h.sora_arm(model, RANK, TARGETS, 0, SPARSE_LAMBDA, gate_init="ones"))
+    arm.adapter_dtype = next(m.lora_A.dtype for _, m in sora_ds.sora_modules(arm.model))
+    return arm
 
 
-def attach_lora(model):
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-
-    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=0.0)
-    model = get_peft_model(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    adapter_dtype = layers[0].lora_A["default"].weight.dtype
-    return model, opt, len(layers), adapter_dtype
-
-
-def train_step(model, opt, batch: dict, device: torch.device) -> tuple[float, torch.Tensor]:
-    sync(device)
-    t0 = time.perf_counter()
-    loss = model(**batch).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sync(device)
-    return time.perf_counter() - t0, loss
-
-
-def trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
+def attach_lora(model) -> h.Arm:
+    arm = h.Arm("LoRA-4bit", *h.lora_arm(model, RANK, TARGETS, lora_alpha=ALPHA))
+    arm.adapter_dtype = h.peft_lora_layers(arm.model)[0].lora_A["default"].weight.dtype
+    return arm
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,48 +250,38 @@ def trainable(model) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> None:
-    device = torch.device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = h.torch_device(args.device, args.threads)
     import bitsandbytes  # noqa: F401 - imported in both arms so the post-import baseline is comparable
     import transformers  # noqa: F401
 
     import sora_ds  # noqa: F401
 
-    batch = make_batch(args.vocab_size, args.mem_batch_size, args.mem_seq_len, args.seed, device)
+    cuda, sync = device.type == "cuda", h.device_sync(device)
+    batch = h.random_batch(args.vocab_size, args.mem_batch_size, args.mem_seq_len, args.seed + 1, device)
     res: dict = {"arm": args.worker}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if cuda:
+        sync()
         res["cuda_baseline_bytes"] = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    res["rss_baseline_bytes"] = proc_status_bytes("VmRSS")
-    res["anon_baseline_bytes"] = proc_status_bytes("RssAnon")
-    res["file_baseline_bytes"] = proc_status_bytes("RssFile")
-
+    for key, field in (("rss_baseline", "VmRSS"), ("anon_baseline", "RssAnon"), ("file_baseline", "RssFile")):
+        res[f"{key}_bytes"] = proc_status_bytes(field)
     t0 = time.perf_counter()
     model = load_model(args.model_dir, args.worker, device)
-    sync(device)
+    sync()
     res["load_s"] = time.perf_counter() - t0
-    res["rss_after_load_bytes"] = proc_status_bytes("VmRSS")
-    res["hwm_after_load_bytes"] = proc_status_bytes("VmHWM")
-    if device.type == "cuda":
+    res["rss_after_load_bytes"], res["hwm_after_load_bytes"] = proc_status_bytes("VmRSS"), proc_status_bytes("VmHWM")
+    if cuda:
         res["cuda_after_load_bytes"] = torch.cuda.memory_allocated(device)
         res["cuda_peak_load_bytes"] = torch.cuda.max_memory_allocated(device)
     res["bytes"] = weight_bytes(model)
-
-    model, opt, n_adapted, adapter_dtype = attach_sora(model)
-    res["adapted_modules"] = n_adapted
-    res["adapter_dtype"] = str(adapter_dtype).replace("torch.", "")
-    res["trainable_params"] = trainable(model)
-    res["step_s"], res["losses"] = [], []
+    arm = attach_sora(model)
+    res.update(adapted_modules=arm.n_modules, adapter_dtype=str(arm.adapter_dtype).replace("torch.", ""),
+               trainable_params=h.trainable(arm.model), step_s=[], losses=[])
     for _ in range(args.mem_steps):
-        dt, loss = train_step(model, opt, batch, device)
-        res["step_s"].append(dt)
-        res["losses"].append(float(loss.detach()))
-    res["rss_end_bytes"] = proc_status_bytes("VmRSS")
-    res["hwm_end_bytes"] = proc_status_bytes("VmHWM")
-    res["anon_end_bytes"] = proc_status_bytes("RssAnon")
-    res["file_end_bytes"] = proc_status_bytes("RssFile")
+        res["step_s"].append(h.train_step(arm, batch, sync))
+        res["losses"].append(arm.loss)
+    for key, field in (("rss_end", "VmRSS"), ("hwm_end", "VmHWM"), ("anon_end", "RssAnon"), ("file_end", "RssFile")):
+        res[f"{key}_bytes"] = proc_status_bytes(field)
     res["checkpoint_mapped"] = _checkpoint_still_mapped(args.model_dir)
     try:  # what glibc keeps of freed transient buffers (e.g. per-layer fp32 dequantizations)
         import ctypes
@@ -383,7 +290,7 @@ def run_worker(args: argparse.Namespace) -> None:
         res["anon_end_trimmed_bytes"] = proc_status_bytes("RssAnon")
     except (OSError, AttributeError):
         res["anon_end_trimmed_bytes"] = None
-    if device.type == "cuda":
+    if cuda:
         res["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
     args.worker_out.write_text(json.dumps(res))
 
@@ -412,17 +319,12 @@ def run_memory_arm(args: argparse.Namespace, arm: str, model_dir: Path, workdir:
         raise RuntimeError(f"memory worker for the {arm} arm failed (rc {proc.returncode})")
     res = json.loads(out.read_text())
     res["wall_s"] = time.perf_counter() - t0
-    cuda = torch.device(args.device).type == "cuda"
-    if cuda:
-        res["peak_bytes"] = res["cuda_peak_bytes"] - res["cuda_baseline_bytes"]
-        res["peak_load_bytes"] = res["cuda_peak_load_bytes"] - res["cuda_baseline_bytes"]
-        res["resident_after_load_bytes"] = res["cuda_after_load_bytes"] - res["cuda_baseline_bytes"]
-    elif res.get("hwm_end_bytes") is not None and res.get("rss_baseline_bytes") is not None:
-        res["peak_bytes"] = res["hwm_end_bytes"] - res["rss_baseline_bytes"]
-        res["peak_load_bytes"] = res["hwm_after_load_bytes"] - res["rss_baseline_bytes"]
-        res["resident_after_load_bytes"] = res["rss_after_load_bytes"] - res["rss_baseline_bytes"]
+    if torch.device(args.device).type == "cuda":
+        base, keys = res["cuda_baseline_bytes"], ("cuda_peak", "cuda_peak_load", "cuda_after_load")
     else:
-        res["peak_bytes"] = res["peak_load_bytes"] = res["resident_after_load_bytes"] = None
+        base, keys = res.get("rss_baseline_bytes"), ("hwm_end", "hwm_after_load", "rss_after_load")
+    for key, src in zip(("peak", "peak_load", "resident_after_load"), keys):
+        res[f"{key}_bytes"] = None if base is None or res.get(f"{src}_bytes") is None else res[f"{src}_bytes"] - base
     for key in ("anon_end", "file_end", "anon_end_trimmed"):
         base = res.get("file_baseline_bytes" if key == "file_end" else "anon_baseline_bytes")
         end = res.get(key + "_bytes")
@@ -434,264 +336,164 @@ def run_memory_arm(args: argparse.Namespace, arm: str, model_dir: Path, workdir:
 # main
 
 
+def memory_part(args, device, workdir: Path) -> dict:
+    """Part 1: save the memory model, run each arm in a fresh subprocess, print the memory table."""
+    cuda = device.type == "cuda"
+    t0 = time.perf_counter()
+    sizes = (args.hidden_size, args.layers, args.intermediate_size, args.heads, args.vocab_size)
+    n_params = save_model(workdir / "mem_model", sizes, args.mem_seq_len, args.seed)
+    print(f"  memory   : Llama hidden {args.hidden_size}, layers {args.layers}, intermediate {args.intermediate_size}, "
+          f"heads {args.heads}, vocab {args.vocab_size}; {n_params / 1e6:.1f} M params (built + saved in "
+          f"{time.perf_counter() - t0:.1f} s); each arm in a fresh subprocess: load, SoRA r{RANK} on {len(TARGETS)} "
+          f"targets, {args.mem_steps} step(s) at {args.mem_batch_size} x {args.mem_seq_len} tokens")
+    mem = {arm: run_memory_arm(args, arm, workdir / "mem_model", workdir) for arm in ("bf16", "4bit")}
+    m16, m4 = mem["bf16"], mem["4bit"]
+    b16, b4 = m16["bytes"], m4["bytes"]
+    peak_measure = ("torch.cuda.max_memory_allocated minus allocated after imports" if cuda else
+                    "process RSS: VmHWM minus VmRSS after imports (/proc/self/status), fresh subprocess per arm")
+    print()
+    h.row("part 1: memory", "bf16 base", "4-bit base", "4bit/bf16", width=44, cell=(14, 14, 11))
+
+    def line(label: str, key: str, fmt="{:,.1f}", ratio=True, scale=MIB, get=lambda m, k: m.get(k)) -> None:
+        a, b = (None if get(m, key) is None else get(m, key) / scale for m in (m16, m4))
+        if a is None or b is None:
+            return h.row(label, "n/a", "n/a", width=44)
+        h.row(label, fmt.format(a), fmt.format(b), f"{b / a:.3f}" if ratio and a else "", width=44, cell=(14, 14, 11))
+
+    def byte(m, k):
+        return m["bytes"][k]
+
+    line("linear layers: params (M, logical)", "linear_params", "{:.2f}", False, 1e6, byte)
+    h.row("linear layers: quantized / total", *(f"{b['n_quantized']} / {b['n_linear']}" for b in (b16, b4)), width=44)
+    line("linear layers: weight bytes (MiB)", "linear", get=byte)
+    line("  of which packed storage (MiB)", "linear_packed", ratio=False, get=byte)
+    line("  of which quant state (MiB)", "linear_quant_state", "{:,.2f}", False, get=byte)
+    line("whole model: params + buffers (MiB)", "whole", get=byte)
+    line("  rest (embeddings, lm_head, norms) (MiB)", "rest", get=lambda m, k: m["bytes"]["whole"] - m["bytes"]["linear"])
+    line("transformers get_memory_footprint (MiB)", "hf_memory_footprint", get=byte)
+    line("bits per linear weight", "", "{:.3f}", scale=1,
+         get=lambda m, k: 8 * m["bytes"]["linear"] / m["bytes"]["linear_params"])
+    line("load time (s)", "load_s", "{:.1f}", False, 1)
+    line("resident after load, above baseline (MiB)", "resident_after_load_bytes")
+    line("peak during load, above baseline (MiB)", "peak_load_bytes")
+    line(f"peak load + {args.mem_steps} SoRA step(s) (MiB)", "peak_bytes")
+    if not cuda:
+        line("  RSS at end: anonymous (MiB)", "anon_end_delta_bytes")
+        line("  RSS at end: anonymous after malloc_trim (MiB)", "anon_end_trimmed_delta_bytes")
+        line("  RSS at end: file-backed (MiB)", "file_end_delta_bytes")
+        h.row("  checkpoint file still mmapped at end", *(str(m["checkpoint_mapped"]) for m in (m16, m4)), width=44)
+    line("SoRA trainable params", "trainable_params", "{:,.0f}", False, 1)
+    h.row("SoRA adapter dtype", m16["adapter_dtype"], m4["adapter_dtype"], width=44)
+    line("median step (s, untuned, for information)", "step_s", "{:.2f}", False, 1,
+         lambda m, k: statistics.median(m[k]) if m[k] else None)
+    if m16["losses"] and m4["losses"]:
+        line("first loss (close: same weights, 4-bit error)", "losses", "{:.4f}", False, 1, lambda m, k: m[k][0])
+    print(f"  peak memory measure: {peak_measure}")
+    if not cuda:
+        print("  CPU RSS caveats: the bf16 arm's weights are zero-copy views of the mmapped safetensors file "
+              "(file-backed\n  pages, resident once touched); the 4-bit arm keeps that mapping alive too (its bf16 "
+              "embeddings/lm_head\n  alias it), so the pages read while quantizing stay counted; glibc keeps freed "
+              "transient buffers\n  (the fp32 dequantization of each 4-bit layer in forward and backward). The "
+              "weight-bytes rows are the\n  like-for-like figure; on CUDA the peak is max_memory_allocated.")
+    out = {"model_params": n_params, "bf16": m16, "4bit": m4, "ratio_linear_bytes": b4["linear"] / b16["linear"],
+           "ratio_whole_bytes": b4["whole"] / b16["whole"], "peak_measure": peak_measure}
+    if m16["peak_bytes"] and m4["peak_bytes"] is not None:
+        out["ratio_peak"] = m4["peak_bytes"] / m16["peak_bytes"]
+    return out
+
+
+def timing_part(args, device, workdir: Path, n_mem_params: int) -> dict:
+    """Part 2: SoRA-4bit vs PEFT-LoRA-4bit, each on a freshly loaded 4-bit base, timed interleaved."""
+    t_dir = workdir / "mem_model"
+    if args.timing_same_model:
+        sizes, n_params = (args.hidden_size, args.layers, args.intermediate_size, args.heads, args.vocab_size), \
+            n_mem_params
+    else:
+        sizes = (args.timing_hidden_size, args.timing_layers, args.timing_intermediate_size, args.timing_heads,
+                 args.timing_vocab_size)
+        t_dir = workdir / "timing_model"
+        n_params = save_model(t_dir, sizes, args.seq_len, args.seed)
+    dtype_name = args.timing_dtype if args.timing_dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    cdt = str(compute_dtype(device)).replace("torch.", "")
+    print()
+    print("  timing   : Llama " + ", ".join(f"{k} {v}" for k, v in zip(SIZES, sizes)) + f"; {n_params / 1e6:.1f} M "
+          f"params{' (the memory model)' if args.timing_same_model else ''}; 4-bit load with dtype={dtype_name} "
+          f"(non-quantized modules), compute {cdt}")
+    print(f"             batch {args.batch_size} x {args.seq_len}, {args.warmup} warm-up + {args.repeats} x "
+          f"{args.steps} timed steps per arm, interleaved step by step; r {RANK}, alpha {ALPHA}, lr "
+          f"{h.LEARNING_RATE:g}, SoRA sparse_lambda {SPARSE_LAMBDA:g}")
+    t0 = time.perf_counter()
+    lora = attach_lora(load_model(t_dir, "4bit", device, dtype))
+    sora = attach_sora(load_model(t_dir, "4bit", device, dtype))
+    setup_s = time.perf_counter() - t0
+    batch, sync = h.random_batch(sizes[4], args.batch_size, args.seq_len, args.seed + 1, device), h.device_sync(device)
+    timing = h.time_arms((sora, lora), max(args.warmup, 1), args.repeats, args.steps,
+                         lambda arm: h.train_step(arm, batch, sync))
+    rep = h.report_times((sora, lora), timing, [("ratio sora/lora", sora, lora)], width=11, digits=1)
+    r = rep["ratios"]["ratio sora/lora"]
+    h.row("", "SoRA-4bit", "LoRA-4bit")
+    h.row("adapted modules", str(sora.n_modules), str(lora.n_modules))
+    h.row("trainable params", *(f"{h.trainable(a.model):,}" for a in (sora, lora)))
+    h.row("adapter dtype", *(str(a.adapter_dtype).replace("torch.", "") for a in (sora, lora)))
+    h.row("first loss (must agree)", f"{sora.first_loss:.6f}", f"{lora.first_loss:.6f}")
+    if sora.adapter_dtype != lora.adapter_dtype:
+        print("  NOTE: adapter dtypes differ: SoRA makes its adapter (and AdamW state) in the layer's compute "
+              f"dtype ({sora.adapter_dtype}), PEFT upcasts its adapter to fp32 (autocast_adapter_dtype=True);\n  "
+              "the arms do not do the same arithmetic.")
+    print(f"  setup (2 x 4-bit load + adapters) {setup_s:.1f} s, timed section {timing['bench_s']:.1f} s")
+    return {
+        "model_params": n_params, "sizes": dict(zip(SIZES, sizes)), "load_dtype": dtype_name, "compute_dtype": cdt,
+        "sora": sora.stats, "lora": lora.stats, "trainable_params": {"sora": h.trainable(sora.model), "lora": h.trainable(lora.model)},
+        "adapter_dtype": {"sora": str(sora.adapter_dtype), "lora": str(lora.adapter_dtype)},
+        "first_loss": {"sora": sora.first_loss, "lora": lora.first_loss}, "ratio_median": r["median"],
+        "ratio_per_repeat": r["per_repeat"], "noisy": rep["noisy"], "setup_s": setup_s,
+        "timed_section_s": timing["bench_s"], "cpu_pressure_end": timing["pressure_after"],
+        "meets_target": r["median"] <= TARGET_STEP_RATIO,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.worker is not None:
         run_worker(args)
         return {}
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda given but torch.cuda.is_available() is False")
-    if args.timing_same_model:
-        t_sizes = (args.hidden_size, args.layers, args.intermediate_size, args.heads, args.vocab_size)
-    else:
-        t_sizes = (args.timing_hidden_size, args.timing_layers, args.timing_intermediate_size, args.timing_heads,
-                   args.timing_vocab_size)
-    timing_dtype_name = args.timing_dtype if args.timing_dtype != "auto" else (
-        "bf16" if device.type == "cuda" else "fp32")
-    timing_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[timing_dtype_name]
-
-    import bitsandbytes
-    import peft
-    import transformers
-
-    dev_name = device_name(device.type == "cuda")
-    cdt = str(compute_dtype(device)).replace("torch.", "")
-    print("QLoRA memory (bf16 vs 4-bit nf4 base) and step time (SoRA-4bit vs PEFT-LoRA-4bit)")
-    print(f"  device   : {device} ({dev_name}), torch threads {torch.get_num_threads()}")
-    print(
-        f"  versions : torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, "
-        f"transformers {transformers.__version__}, peft {peft.__version__}, python {platform.python_version()}"
-    )
-    print(
-        f"  4-bit    : nf4, double quant, quant_storage bf16, compute dtype {cdt}, "
-        f"device_map {device_map(device)!r}"
-    )
-    pressure_start = cpu_pressure()
+    device = h.torch_device(args.device, args.threads)
+    vers = h.versions("torch", "bitsandbytes", "transformers", "peft")
+    dev_name = h.device_name(device.type == "cuda")
+    h.header("QLoRA memory (bf16 vs 4-bit nf4 base) and step time (SoRA-4bit vs PEFT-LoRA-4bit)", [
+        ("device", f"{device} ({dev_name}), torch threads {torch.get_num_threads()}"),
+        ("versions", h.version_text(vers, python=True)),
+        ("4-bit", f"nf4, double quant, quant_storage bf16, compute dtype {str(compute_dtype(device)).replace('torch.', '')}, "
+                  f"device_map {device_map(device)!r}"),
+    ])
     t_all = time.perf_counter()
-    result: dict = {
-        "device": str(device), "device_name": dev_name, "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__},
-        "python": platform.python_version(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-    }
-
+    result: dict = {"device": str(device), "device_name": dev_name, "torch_threads": torch.get_num_threads(),
+                    "versions": vers, "python": platform.python_version(), "args": h.args_record(args, drop=())}
     with tempfile.TemporaryDirectory(prefix="qlora_memory.") as tmp:
-        workdir = Path(tmp)
-        # ---------------------------------------------------------------- part 1: memory
-        mem_dir = workdir / "mem_model"
-        t0 = time.perf_counter()
-        n_params = save_model(mem_dir, args.hidden_size, args.layers, args.intermediate_size, args.heads,
-                              args.vocab_size, args.mem_seq_len, args.seed)
-        save_s = time.perf_counter() - t0
-        print(
-            f"  memory   : Llama hidden {args.hidden_size}, layers {args.layers}, intermediate "
-            f"{args.intermediate_size}, heads {args.heads}, vocab {args.vocab_size}; {n_params / 1e6:.1f} M params "
-            f"(built + saved in {save_s:.1f} s); each arm in a fresh subprocess: load, SoRA r{RANK} on "
-            f"{len(TARGETS)} targets, {args.mem_steps} step(s) at {args.mem_batch_size} x {args.mem_seq_len} tokens"
-        )
-        mem = {arm: run_memory_arm(args, arm, mem_dir, workdir) for arm in ("bf16", "4bit")}
-        b16, b4 = mem["bf16"]["bytes"], mem["4bit"]["bytes"]
-        ratio_linear = b4["linear"] / b16["linear"]
-        ratio_whole = b4["whole"] / b16["whole"]
-        peak_measure = (
-            "torch.cuda.max_memory_allocated minus allocated after imports"
-            if device.type == "cuda"
-            else "process RSS: VmHWM minus VmRSS after imports (/proc/self/status), fresh subprocess per arm"
-        )
-
-        print()
-        print(f"  {'part 1: memory':<44}{'bf16 base':>14}{'4-bit base':>14}{'4bit/bf16':>11}")
-
-        def row(label: str, a, b, fmt="{:,.1f}", ratio=True) -> None:
-            if a is None or b is None:
-                print(f"  {label:<44}{'n/a':>14}{'n/a':>14}")
-                return
-            r = f"{b / a:>11.3f}" if ratio and a else ""
-            print(f"  {label:<44}{fmt.format(a):>14}{fmt.format(b):>14}{r}")
-
-        def mib(x):
-            return None if x is None else x / MIB
-
-        row("linear layers: params (M, logical)", b16["linear_params"] / 1e6, b4["linear_params"] / 1e6, "{:.2f}",
-            ratio=False)
-        q16 = "{} / {}".format(b16["n_quantized"], b16["n_linear"])
-        q4 = "{} / {}".format(b4["n_quantized"], b4["n_linear"])
-        print(f"  {'linear layers: quantized / total':<44}{q16:>14}{q4:>14}")
-        row("linear layers: weight bytes (MiB)", mib(b16["linear"]), mib(b4["linear"]))
-        row("  of which packed storage (MiB)", mib(b16["linear_packed"]), mib(b4["linear_packed"]), ratio=False)
-        row("  of which quant state (MiB)", mib(b16["linear_quant_state"]), mib(b4["linear_quant_state"]),
-            "{:,.2f}", ratio=False)
-        row("whole model: params + buffers (MiB)", mib(b16["whole"]), mib(b4["whole"]))
-        row("  rest (embeddings, lm_head, norms) (MiB)", mib(b16["whole"] - b16["linear"]),
-            mib(b4["whole"] - b4["linear"]))
-        row("transformers get_memory_footprint (MiB)", mib(b16["hf_memory_footprint"]),
-            mib(b4["hf_memory_footprint"]))
-        row("bits per linear weight", 8 * b16["linear"] / b16["linear_params"],
-            8 * b4["linear"] / b4["linear_params"], "{:.3f}")
-        row("load time (s)", mem["bf16"]["load_s"], mem["4bit"]["load_s"], "{:.1f}", ratio=False)
-        row("resident after load, above baseline (MiB)", mib(mem["bf16"]["resident_after_load_bytes"]),
-            mib(mem["4bit"]["resident_after_load_bytes"]))
-        row("peak during load, above baseline (MiB)", mib(mem["bf16"]["peak_load_bytes"]),
-            mib(mem["4bit"]["peak_load_bytes"]))
-        row(f"peak load + {args.mem_steps} SoRA step(s) (MiB)", mib(mem["bf16"]["peak_bytes"]),
-            mib(mem["4bit"]["peak_bytes"]))
-        if device.type != "cuda":
-            row("  RSS at end: anonymous (MiB)", mib(mem["bf16"]["anon_end_delta_bytes"]),
-                mib(mem["4bit"]["anon_end_delta_bytes"]))
-            row("  RSS at end: anonymous after malloc_trim (MiB)", mib(mem["bf16"]["anon_end_trimmed_delta_bytes"]),
-                mib(mem["4bit"]["anon_end_trimmed_delta_bytes"]))
-            row("  RSS at end: file-backed (MiB)", mib(mem["bf16"]["file_end_delta_bytes"]),
-                mib(mem["4bit"]["file_end_delta_bytes"]))
-            print(f"  {'  checkpoint file still mmapped at end':<44}{str(mem['bf16']['checkpoint_mapped']):>14}"
-                  f"{str(mem['4bit']['checkpoint_mapped']):>14}")
-        row("SoRA trainable params", mem["bf16"]["trainable_params"], mem["4bit"]["trainable_params"], "{:,.0f}",
-            ratio=False)
-        print(f"  {'SoRA adapter dtype':<44}{mem['bf16']['adapter_dtype']:>14}{mem['4bit']['adapter_dtype']:>14}")
-        steps16 = statistics.median(mem["bf16"]["step_s"]) if mem["bf16"]["step_s"] else None
-        steps4 = statistics.median(mem["4bit"]["step_s"]) if mem["4bit"]["step_s"] else None
-        row("median step (s, untuned, for information)", steps16, steps4, "{:.2f}", ratio=False)
-        if mem["bf16"]["losses"] and mem["4bit"]["losses"]:
-            row("first loss (close: same weights, 4-bit error)", mem["bf16"]["losses"][0], mem["4bit"]["losses"][0],
-                "{:.4f}", ratio=False)
-        print(f"  peak memory measure: {peak_measure}")
-        if device.type != "cuda":
-            print(
-                "  CPU RSS caveats: the bf16 arm's weights are zero-copy views of the mmapped safetensors file "
-                "(file-backed\n  pages, resident once touched); the 4-bit arm keeps that mapping alive too (its bf16 "
-                "embeddings/lm_head\n  alias it), so the pages read while quantizing stay counted; glibc keeps freed "
-                "transient buffers\n  (the fp32 dequantization of each 4-bit layer in forward and backward). The "
-                "weight-bytes rows are the\n  like-for-like figure; on CUDA the peak is max_memory_allocated."
-            )
-        result["memory"] = {"model_params": n_params, "bf16": mem["bf16"], "4bit": mem["4bit"],
-                            "ratio_linear_bytes": ratio_linear, "ratio_whole_bytes": ratio_whole,
-                            "peak_measure": peak_measure}
-        if mem["bf16"]["peak_bytes"] and mem["4bit"]["peak_bytes"] is not None:
-            result["memory"]["ratio_peak"] = mem["4bit"]["peak_bytes"] / mem["bf16"]["peak_bytes"]
-
-        # ---------------------------------------------------------------- part 2: step time
-        if args.timing_same_model:
-            t_dir, n_t_params = mem_dir, n_params
-        else:
-            t_dir = workdir / "timing_model"
-            n_t_params = save_model(t_dir, *t_sizes, args.seq_len, args.seed)
-        hidden, layers, inter, heads, vocab = t_sizes
-        print()
-        print(
-            f"  timing   : Llama hidden {hidden}, layers {layers}, intermediate {inter}, heads {heads}, vocab {vocab}; "
-            f"{n_t_params / 1e6:.1f} M params{' (the memory model)' if args.timing_same_model else ''}; "
-            f"4-bit load with dtype={timing_dtype_name} (non-quantized modules), compute {cdt}"
-        )
-        print(
-            f"             batch {args.batch_size} x {args.seq_len}, {args.warmup} warm-up + {args.repeats} x "
-            f"{args.steps} timed steps per arm, interleaved step by step; r {RANK}, alpha {ALPHA}, lr "
-            f"{LEARNING_RATE:g}, SoRA sparse_lambda {SPARSE_LAMBDA:g}"
-        )
-        t0 = time.perf_counter()
-        lora = attach_lora(load_model(t_dir, "4bit", device, timing_dtype))
-        sora = attach_sora(load_model(t_dir, "4bit", device, timing_dtype))
-        setup_s = time.perf_counter() - t0
-        arms = {"sora": sora, "lora": lora}
-        batch = make_batch(vocab, args.batch_size, args.seq_len, args.seed, device)
-        first_loss: dict[str, float] = {}
-        for i in range(max(args.warmup, 1)):
-            for name, (model, opt, _, _) in arms.items():
-                _, loss = train_step(model, opt, batch, device)
-                if i == 0:
-                    first_loss[name] = float(loss.detach())
-        times: dict[str, list[list[float]]] = {"sora": [], "lora": []}
-        t_bench = time.perf_counter()
-        for rep in range(args.repeats):
-            order = ("sora", "lora") if rep % 2 == 0 else ("lora", "sora")
-            for name in order:
-                times[name].append([])
-            for _ in range(args.steps):
-                for name in order:
-                    model, opt, _, _ = arms[name]
-                    dt, _ = train_step(model, opt, batch, device)
-                    times[name][-1].append(dt)
-        bench_s = time.perf_counter() - t_bench
-        pressure_end = cpu_pressure()
-
-        def stats(name: str) -> dict:
-            flat = [t for rep in times[name] for t in rep]
-            return {"median_ms": statistics.median(flat) * 1e3, "p10_ms": percentile(flat, 10) * 1e3,
-                    "p90_ms": percentile(flat, 90) * 1e3, "min_ms": min(flat) * 1e3,
-                    "per_repeat_median_ms": [statistics.median(r) * 1e3 for r in times[name]],
-                    "n_steps": len(flat)}
-
-        s, l_ = stats("sora"), stats("lora")
-        step_ratio = s["median_ms"] / l_["median_ms"]
-        rep_ratios = [a / b for a, b in zip(s["per_repeat_median_ms"], l_["per_repeat_median_ms"])]
-        print()
-        print(f"  {'part 2: step time':<20}{'median ms':>11}{'p10 ms':>10}{'p90 ms':>10}{'min ms':>10}"
-              f"{'per-repeat medians (ms)':>30}")
-        for label, st in (("SoRA-4bit", s), ("LoRA-4bit", l_)):
-            reps = " ".join(f"{x:.1f}" for x in st["per_repeat_median_ms"])
-            print(f"  {label:<20}{st['median_ms']:>11.1f}{st['p10_ms']:>10.1f}{st['p90_ms']:>10.1f}"
-                  f"{st['min_ms']:>10.1f}{reps:>30}")
-        print(f"  per-repeat ratio sora/lora: {' '.join(f'{r:.3f}' for r in rep_ratios)}; ratio of p10s "
-              f"{s['p10_ms'] / l_['p10_ms']:.3f}, of minima {s['min_ms'] / l_['min_ms']:.3f}")
-        print(f"  {'':<34}{'SoRA-4bit':>14}{'LoRA-4bit':>14}")
-        print(f"  {'adapted modules':<34}{sora[2]:>14}{lora[2]:>14}")
-        print(f"  {'trainable params':<34}{trainable(sora[0]):>14,}{trainable(lora[0]):>14,}")
-        print(f"  {'adapter dtype':<34}{str(sora[3]).replace('torch.', ''):>14}"
-              f"{str(lora[3]).replace('torch.', ''):>14}")
-        print(f"  {'first loss (must agree)':<34}{first_loss['sora']:>14.6f}{first_loss['lora']:>14.6f}")
-        if sora[3] != lora[3]:
-            print("  NOTE: adapter dtypes differ: SoRA makes its adapter (and AdamW state) in the layer's compute "
-                  f"dtype ({sora[3]}), PEFT upcasts its adapter to fp32 (autocast_adapter_dtype=True);\n  the arms "
-                  "do not do the same arithmetic.")
-        print(f"  setup (2 x 4-bit load + adapters) {setup_s:.1f} s, timed section {bench_s:.1f} s")
-        noisy = max(rep_ratios) - min(rep_ratios) > 0.05 or s["p90_ms"] > 1.5 * s["p10_ms"]
-        if pressure_end:
-            print(f"  host CPU pressure (PSI some %, load): start "
-                  f"{', '.join(f'{k} {v:g}' for k, v in (pressure_start or {}).items())}; end of timing "
-                  f"{', '.join(f'{k} {v:g}' for k, v in pressure_end.items())}")
-        if noisy:
-            print("  NOTE: timings are noisy (per-repeat ratios spread > 0.05 or p90 > 1.5 x p10): other work is "
-                  "probably competing for the CPU/GPU; rerun on a quiet machine or with more --repeats.")
-        result["timing"] = {
-            "model_params": n_t_params, "sizes": dict(zip(("hidden", "layers", "intermediate", "heads", "vocab"),
-                                                          t_sizes)),
-            "load_dtype": timing_dtype_name, "compute_dtype": cdt, "sora": s, "lora": l_,
-            "trainable_params": {"sora": trainable(sora[0]), "lora": trainable(lora[0])},
-            "adapter_dtype": {"sora": str(sora[3]), "lora": str(lora[3])}, "first_loss": first_loss,
-            "ratio_median": step_ratio, "ratio_per_repeat": rep_ratios, "noisy": noisy,
-            "setup_s": setup_s, "timed_section_s": bench_s, "cpu_pressure_end": pressure_end,
-        }
-        del arms, sora, lora
+        result["memory"] = mem = memory_part(args, device, Path(tmp))
+        result["timing"] = timing_part(args, device, Path(tmp), mem["model_params"])
         gc.collect()
-
-    total_s = time.perf_counter() - t_all
-    meets_linear = ratio_linear <= TARGET_BYTES_RATIO
-    meets_whole = ratio_whole <= TARGET_BYTES_RATIO
-    which = ("both" if meets_linear and meets_whole else "linear layers only" if meets_linear
-             else "whole model only" if meets_whole else "neither")
-    result["memory"]["meets_target"] = {"linear": meets_linear, "whole": meets_whole}
-    result["timing"]["meets_target"] = step_ratio <= TARGET_STEP_RATIO
-    result["total_s"] = total_s
-    print()
-    print(f"device: {dev_name} ({device}); torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}; "
-          f"total {total_s:.0f} s")
+    result["total_s"] = total_s = time.perf_counter() - t_all
+    meets = {k: mem[f"ratio_{k}_bytes"] <= TARGET_BYTES_RATIO for k in ("linear", "whole")}
+    mem["meets_target"] = meets
+    which = ("both" if all(meets.values()) else "linear layers only" if meets["linear"]
+             else "whole model only" if meets["whole"] else "neither")
     measure = ("CUDA max_memory_allocated" if device.type == "cuda"
                else "CPU process RSS high-water (VmHWM), not a weight measure: see caveats")
-    peak_txt = f"{result['memory']['ratio_peak']:.2f}" if "ratio_peak" in result["memory"] else "n/a"
-    print(f"4-bit/bf16 peak memory (load + {args.mem_steps} SoRA steps): {peak_txt} [{measure}]")
-    print(f"4-bit/bf16 base bytes (linear layers): {ratio_linear:.2f} (target <= {TARGET_BYTES_RATIO}) "
-          f"[{'MEETS' if meets_linear else 'MISSES'}]")
-    print(f"4-bit/bf16 base bytes (whole model): {ratio_whole:.2f} (target <= {TARGET_BYTES_RATIO}) "
-          f"[{'MEETS' if meets_whole else 'MISSES'}]")
+    print()
+    print(f"device: {dev_name} ({device}); torch {torch.__version__}, bitsandbytes {vers['bitsandbytes']}; "
+          f"total {total_s:.0f} s")
+    print(f"4-bit/bf16 peak memory (load + {args.mem_steps} SoRA steps): "
+          f"{format(mem['ratio_peak'], '.2f') if 'ratio_peak' in mem else 'n/a'} [{measure}]")
+    for key, label in (("linear", "linear layers"), ("whole", "whole model")):
+        print(f"4-bit/bf16 base bytes ({label}): {mem[f'ratio_{key}_bytes']:.2f} (target <= {TARGET_BYTES_RATIO}) "
+              f"[{'MEETS' if meets[key] else 'MISSES'}]")
     print(f"bytes target met by: {which}")
-    print(f"step ratio sora-4bit/lora-4bit: {step_ratio:.2f} (target <= {TARGET_STEP_RATIO})"
-          f"{'  [noisy: see NOTE above]' if noisy else ''}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    t = result["timing"]
+    print(f"step ratio sora-4bit/lora-4bit: {t['ratio_median']:.2f} (target <= {TARGET_STEP_RATIO})"
+          f"{'  [noisy: see NOTE above]' if t['noisy'] else ''}")
+    h.write_json(args.json, result)
     return result
 
 

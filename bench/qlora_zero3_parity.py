@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import device_name
+import harness as h
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = h.REPO
 QUANT = ("{load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_use_double_quant: true, "
          "bnb_4bit_compute_dtype: float32, bnb_4bit_quant_storage: float32}")
 FORCE = "tests/scripts/with_bnb_cpu_path.py"
@@ -101,17 +101,13 @@ def main() -> None:
     cross = compare(root / "one_avx512_bf16", root / "one_generic")
 
     import bitsandbytes
-    import deepspeed
-    import torch
-    import transformers
 
     lines = [
         "# 4-bit ZeRO-3 (2 ranks) vs one process, with evals between training steps",
         "",
-        f"Device: {device_name(False)} (CPU, no GPU); this CPU's own bitsandbytes path: "
+        f"Device: {h.device_name(False)} (CPU, no GPU); this CPU's own bitsandbytes path: "
         f"{'avx512_bf16' if bitsandbytes.functional.has_avx512bf16() else 'generic'}. "
-        f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
-        f"bitsandbytes {bitsandbytes.__version__}.",
+        + h.version_text(h.versions("torch", "deepspeed", "transformers", "bitsandbytes")) + ".",
         f"Command: `python bench/qlora_zero3_parity.py --steps {args.steps} --eval_every {args.eval_every}`. The recipe's "
         "tiny Llama and its defaults (lr 1e-2, lr-scaled lambda), NF4 with double quant, SoRA on all 7 linear types, "
         "global batch 8, "

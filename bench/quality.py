@@ -35,12 +35,11 @@ import sysconfig
 import time
 from pathlib import Path
 
+import harness as h
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from _common import device_name  # noqa: E402
+HERE = h.BENCH
 
 DEFAULTS = {
     "seed": 0,
@@ -274,10 +273,6 @@ def loss_on_batch(model, batch, data):
     return F.cross_entropy(logits.float(), target)
 
 
-def trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def train_loop(name, model, opt, data, cfg, steps, penalty=None, before=None, after=None):
     """The one training loop of every arm: same batches in the same order. ``penalty(model)`` is added to the loss;
     ``before(step)`` runs first, ``after(step, loss)`` after ``opt.step()`` (gradients still there) and may return
@@ -298,8 +293,13 @@ def train_loop(name, model, opt, data, cfg, steps, penalty=None, before=None, af
     return time.time() - t0 - paused, losses
 
 
-def loss_summary(losses) -> dict:
-    return {"loss_first10": mean(losses[:10]), "loss_last10": mean(losses[-10:])}
+def finish(method: str, model, n0: int, params_after: int, train_s: float, losses, data, cfg, evaluate=True,
+           **extra) -> dict:
+    """An arm's record: parameters at start / after pruning, held-out accuracy (unless not ``evaluate``), train
+    time, mean losses."""
+    acc = {"heldout_acc": accuracy(model, data["heldout"], data, cfg["eval_batch_size"])} if evaluate else {}
+    return {"method": method, "params_start": n0, "params_after": params_after, **acc, "train_s": train_s, **extra,
+            "loss_first10": mean(losses[:10]), "loss_last10": mean(losses[-10:])}
 
 
 # --------------------------------------------------------------------------------------------------------- methods
@@ -313,13 +313,9 @@ def run_lora(cfg, data, model_dir):
         LoraConfig(r=r, lora_alpha=cfg["lora_alpha_per_rank"] * r, lora_dropout=0.0,
                    target_modules=cfg["target_modules"]),
     )
-    n0 = trainable(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["learning_rate"],
-                            weight_decay=0.0)
-    train_s, losses = train_loop("lora", model, opt, data, cfg, cfg["steps"])
-    acc = accuracy(model, data["heldout"], data, cfg["eval_batch_size"])
-    return {"method": f"LoRA r={r} (PEFT)", "params_start": n0, "params_after": n0, "heldout_acc": acc,
-            "train_s": train_s, **loss_summary(losses)}
+    n0 = h.trainable(model)
+    train_s, losses = train_loop("lora", model, h.adamw(model, cfg["learning_rate"]), data, cfg, cfg["steps"])
+    return finish(f"LoRA r={r} (PEFT)", model, n0, n0, train_s, losses, data, cfg)
 
 
 def sora_params(model) -> tuple[int, dict]:
@@ -342,7 +338,7 @@ def run_sora(cfg, data, model_dir, r, schedule=None, stage_cb=None, steps=None, 
     lam = cfg["sparse_lambda"] if sparse_lambda is None else sparse_lambda
     opt = sora_ds.build_optimizer(model, learning_rate=cfg["learning_rate"], sparse_lambda=lam,
                                   threshold_mode=cfg["threshold_mode"])
-    n0 = trainable(model)
+    n0 = h.trainable(model)
     start_ranks = sum(v["initial"] for v in sora_ds.rank_report(model).values())
     trace = []
 
@@ -360,12 +356,10 @@ def run_sora(cfg, data, model_dir, r, schedule=None, stage_cb=None, steps=None, 
 
     train_s, losses = train_loop(f"sora r={r}", model, opt, data, cfg, steps, before=before, after=after)
     kept_params, rep = sora_params(model)
-    out = {"method": f"SoRA r={r} (sora_ds)", "params_start": n0,
-           "params_after": kept_params, "train_s": train_s,
-           "ranks_start": start_ranks, "ranks_kept": sum(v["kept"] for v in rep.values()),
-           "sparse_lambda": lam, "threshold_mode": cfg["threshold_mode"], "kept_rank_trace": trace,
-           "kept_per_module": {n: v["kept"] for n, v in rep.items()}, **loss_summary(losses)}
-    return model, out
+    return model, finish(f"SoRA r={r} (sora_ds)", model, n0, kept_params, train_s, losses, data, cfg, False,
+                         ranks_start=start_ranks, ranks_kept=sum(v["kept"] for v in rep.values()),
+                         sparse_lambda=lam, threshold_mode=cfg["threshold_mode"], kept_rank_trace=trace,
+                         kept_per_module={n: v["kept"] for n, v in rep.items()})
 
 
 def kept_ranks(model) -> int:
@@ -391,9 +385,8 @@ def run_adalora(cfg, data, model_dir):
                          lora_dropout=0.0, orth_reg_weight=cfg["adalora_orth_reg_weight"],
                          target_modules=cfg["target_modules"])
     model = get_peft_model(load_model(model_dir), conf)
-    n0 = trainable(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["learning_rate"],
-                            weight_decay=0.0)
+    n0 = h.trainable(model)
+    opt = h.adamw(model, cfg["learning_rate"])
     w = cfg["adalora_orth_reg_weight"]
     adapter_params = [(n, p) for n, p in model.named_parameters() if ("lora_A" in n or "lora_B" in n) and p.requires_grad]
 
@@ -416,10 +409,8 @@ def run_adalora(cfg, data, model_dir):
             kept_params += k * (base.in_features + base.out_features)
             kept_ranks += k
             per[name] = k
-    acc = accuracy(model, data["heldout"], data, cfg["eval_batch_size"])
-    return {"method": f"AdaLoRA (PEFT) {ir}->{tr}", "params_start": n0, "params_after": kept_params,
-            "heldout_acc": acc, "train_s": train_s, "ranks_kept": kept_ranks, "kept_per_module": per,
-            **loss_summary(losses)}
+    return finish(f"AdaLoRA (PEFT) {ir}->{tr}", model, n0, kept_params, train_s, losses, data, cfg,
+                  ranks_kept=kept_ranks, kept_per_module=per)
 
 
 def run_sora_ds_adalora(cfg, data, model_dir):
@@ -436,14 +427,12 @@ def run_sora_ds_adalora(cfg, data, model_dir):
         t_init=cfg["adalora_tinit"], t_final=cfg["adalora_tfinal"], delta_t=cfg["adalora_deltaT"], total_step=steps,
         orth_reg_weight=w, init_seed=cfg["seed"]))
     opt = sora_ds.build_optimizer(model, learning_rate=cfg["learning_rate"])
-    n0 = trainable(model)
+    n0 = h.trainable(model)
     train_s, losses = train_loop("adalora (sora_ds)", model, opt, data, cfg, steps,
                                  penalty=lambda m: sora_ds.orth_loss(m, w))
     kept_params, rep = sora_params(model)
-    acc = accuracy(model, data["heldout"], data, cfg["eval_batch_size"])
-    return {"method": f"AdaLoRA (sora_ds) {ir}->{tr}", "params_start": n0, "params_after": kept_params,
-            "heldout_acc": acc, "train_s": train_s, "ranks_kept": sum(v["kept"] for v in rep.values()),
-            "kept_per_module": {n: v["kept"] for n, v in rep.items()}, **loss_summary(losses)}
+    return finish(f"AdaLoRA (sora_ds) {ir}->{tr}", model, n0, kept_params, train_s, losses, data, cfg,
+                  ranks_kept=sum(v["kept"] for v in rep.values()), kept_per_module={n: v["kept"] for n, v in rep.items()})
 
 
 def run_scheduler(cfg, data, model_dir):
@@ -489,16 +478,6 @@ def mean(xs):
 def log_step(name, step, steps, loss, t0):
     if step % 10 == 9 or step == steps - 1:
         print(f"  [{name}] step {step + 1}/{steps} loss {loss:.4f} ({time.time() - t0:.0f}s)", flush=True)
-
-
-def versions() -> dict:
-    import peft
-    import transformers
-
-    import sora_ds
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "sora_ds": sora_ds.__version__}
 
 
 def write_outputs(res: dict, cfg: dict) -> None:
@@ -634,8 +613,8 @@ def main():
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = load_data(tok, cfg)
     held = data["heldout"]
-    res = {"command": "python " + " ".join(shlex.quote(a) for a in argv), "config": cfg, "versions": versions(),
-           "device": f"2-core CPU, {device_name(False)}, no GPU (torch threads 2)", "seed": cfg["seed"],
+    res = {"command": "python " + " ".join(shlex.quote(a) for a in argv), "config": cfg, "versions": {"python": platform.python_version(), **h.versions("torch", "transformers", "peft", "sora_ds")},
+           "device": f"2-core CPU, {h.device_name(False)}, no GPU (torch threads 2)", "seed": cfg["seed"],
            "data": {"n_total": data["n_total"], "n_pos": data["n_pos"], "n_train": len(data["train"]),
                     "n_heldout": len(held),
                     "heldout_majority": max(mean([y for _, y in held]), 1 - mean([y for _, y in held])),

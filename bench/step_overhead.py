@@ -53,53 +53,33 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
+import harness as h
 import torch
-from _common import cpu_pressure, device_name, percentile
+
+import sora_ds
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-import sora_ds  # noqa: E402
-from sora_ds import SoRAConfig  # noqa: E402
-
-DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-LEARNING_RATE = 1e-4
 TARGET_RATIO = 1.05
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--hidden-size", type=int, default=256)
-    g.add_argument("--layers", type=int, default=4)
-    g.add_argument("--intermediate-size", type=int, default=688)
-    g.add_argument("--heads", type=int, default=8)
-    g.add_argument("--kv-heads", type=int, default=8)
-    g.add_argument("--vocab-size", type=int, default=4096)
-    g.add_argument("--seq-len", type=int, default=128)
-    g.add_argument("--batch-size", type=int, default=4)
+    h.model_args(p, "model", hidden_size=256, layers=4, intermediate_size=688, heads=8, kv_heads=8, vocab_size=4096,
+                 seq_len=128, batch_size=4)
     g = p.add_argument_group("adapters")
     g.add_argument("--rank", type=int, default=8, help="start rank of both arms (lora_alpha = 2 * rank)")
-    g.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated module-name suffixes")
-    g.add_argument(
-        "--sparse-lambda",
-        type=float,
-        default=1e-3,
-        help="SoRA gate L1 strength (lr_scaled: shrink lr*lambda per step); small so no gate dies",
-    )
+    h.targets_arg(g)
+    g.add_argument("--sparse-lambda", type=float, default=1e-3,
+                   help="SoRA gate L1 strength (lr_scaled: shrink lr*lambda per step); small so no gate dies")
     g = p.add_argument_group("timing")
-    g.add_argument("--steps", type=int, default=30, help="timed steps per arm per repeat")
-    g.add_argument("--warmup", type=int, default=5, help="untimed steps per arm before the first repeat")
-    g.add_argument("--repeats", type=int, default=3)
+    h.timing_args(g, steps=30, warmup=5)
     g.add_argument("--phases", action="store_true", help="also time forward / backward / optimizer separately")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -108,307 +88,121 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     g.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args(argv)
-    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    h.split_targets(args)
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--steps and --repeats must be >= 1, --warmup >= 0")
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# setup
-
-
-
-
-
-
-def build_base_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(args.seq_len, 128),
-        use_cache=False,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
-    return model.to(device=device, dtype=dtype).train()
-
-
-def build_sora_arm(base: torch.nn.Module, args: argparse.Namespace):
-    model = copy.deepcopy(base)
-    cfg = SoRAConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=list(args.targets), init_seed=args.seed)
-    adapted = sora_ds.inject(model, cfg)
-    opt = sora_ds.build_optimizer(
-        model, learning_rate=LEARNING_RATE, sparse_lambda=args.sparse_lambda, threshold_mode="lr_scaled"
-    )
-    return model, opt, len(adapted)
-
-
-def build_lora_arm(base: torch.nn.Module, args: argparse.Namespace):
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-
-    model = copy.deepcopy(base)
-    cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=list(args.targets), lora_dropout=0.0)
+def build_arms(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[h.Arm, h.Arm, int]:
+    """One base under --seed, deep-copied into each arm (identical base weights); returns SoRA, LoRA, base params."""
+    base = h.build_llama(args.hidden_size, args.layers, args.intermediate_size, args.heads, args.vocab_size,
+                         args.seq_len, args.seed, kv_heads=args.kv_heads).to(device=device, dtype=dtype)
+    n_base = sum(p.numel() for p in base.parameters())
+    sora = h.Arm("SoRA", *h.sora_arm(copy.deepcopy(base), args.rank, args.targets, args.seed, args.sparse_lambda))
     # autocast_adapter_dtype=False: keep bf16 adapters in bf16 (as SoRA does) instead of PEFT's fp32 upcast.
-    model = get_peft_model(model, cfg, autocast_adapter_dtype=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    n_adapted = sum(1 for m in model.modules() if isinstance(m, LoraLayer))
-    return model, opt, n_adapted
+    lora = h.Arm("LoRA", *h.lora_arm(copy.deepcopy(base), args.rank, args.targets, autocast_adapter_dtype=False))
+    del base
+    gc.collect()
+    return sora, lora, n_base
 
 
-def trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# timing
-
-
-class Arm:
-    def __init__(self, name: str, model, opt, n_modules: int) -> None:
-        self.name, self.model, self.opt, self.n_modules = name, model, opt, n_modules
-        self.times: list[list[float]] = []  # per repeat, seconds per step
-        self.phase_times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
-        self.first_loss: float | None = None
-        self.peak_bytes: int | None = None
-        self.transient_bytes: int | None = None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def train_step(arm: Arm, batch: dict, device: torch.device, phases: bool) -> tuple[float, float]:
-    """One step; returns (seconds, loss). Loss is read only after the step's clock has stopped."""
-    sync(device)
-    t0 = time.perf_counter()
-    loss = arm.model(**batch).loss
-    if phases:
-        sync(device)
-        t1 = time.perf_counter()
-    loss.backward()
-    if phases:
-        sync(device)
-        t2 = time.perf_counter()
-    arm.opt.step()
-    arm.opt.zero_grad(set_to_none=True)
-    sync(device)
-    t3 = time.perf_counter()
-    if phases:
-        arm.phase_times["forward"].append(t1 - t0)
-        arm.phase_times["backward"].append(t2 - t1)
-        arm.phase_times["optimizer"].append(t3 - t2)
-    return t3 - t0, loss
-
-
-
-
-def measure_peak_memory(arm: Arm, batch: dict, device: torch.device) -> None:
+def measure_peak_memory(arm: h.Arm, batch: dict, device: torch.device) -> None:
     """One extra (untimed) step with the peak counter reset: peak during the step, and peak minus resident."""
+    arm.peak_bytes = arm.transient_bytes = None
     if device.type != "cuda":
         return
     gc.collect()
     torch.cuda.empty_cache()
-    sync(device)
+    torch.cuda.synchronize(device)
     resident = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    train_step(arm, batch, device, phases=False)
+    h.train_step(arm, batch, h.device_sync(device))
     arm.peak_bytes = torch.cuda.max_memory_allocated(device)
     arm.transient_bytes = arm.peak_bytes - resident
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# main
+def print_phases(sora: h.Arm, lora: h.Arm) -> dict:
+    out = {}
+    print()
+    h.row("phase (median ms)", "SoRA", "LoRA", "ratio", width=20, cell=(10, 10, 9))
+    for ph in ("forward", "backward", "optimizer"):
+        a, b = (statistics.median(arm.phase_times[ph]) * 1e3 for arm in (sora, lora))
+        out[ph] = {"sora_ms": a, "lora_ms": b, "ratio": a / b}
+        h.row(ph, f"{a:.3f}", f"{b:.3f}", f"{a / b:.3f}", width=20, cell=(10, 10, 9))
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda given but torch.cuda.is_available() is False")
+    device = h.torch_device(args.device, args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-
-    import peft
-    import transformers
-
+    vers = h.versions("torch", "transformers", "peft")
     t_setup = time.perf_counter()
-    base = build_base_model(args, device, dtype)
-    n_base = sum(p.numel() for p in base.parameters())
-    sora = Arm("sora", *build_sora_arm(base, args))
-    lora = Arm("lora", *build_lora_arm(base, args))
-    del base
-    gc.collect()
-
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=gen).to(device)
-    batch = {"input_ids": ids, "labels": ids}
+    sora, lora, n_base = build_arms(args, device, dtype)
+    batch = h.random_batch(args.vocab_size, args.batch_size, args.seq_len, args.seed + 1, device)
     setup_s = time.perf_counter() - t_setup
+    dev_name = h.device_name(device.type == "cuda")
+    h.header("SoRA vs PEFT LoRA train-step overhead", [
+        ("device", f"{device} ({dev_name}), dtype {args.dtype}, torch threads {torch.get_num_threads()}"),
+        ("versions", h.version_text(vers)),
+        ("model", f"Llama hidden {args.hidden_size}, layers {args.layers}, intermediate {args.intermediate_size}, "
+                  f"heads {args.heads}/{args.kv_heads} kv, vocab {args.vocab_size}; {n_base / 1e6:.2f} M base params"),
+        ("batch", f"{args.batch_size} x {args.seq_len} tokens"),
+        ("adapters", f"rank {args.rank}, alpha {2 * args.rank}, targets {','.join(args.targets)}; SoRA sparse_lambda "
+                     f"{args.sparse_lambda:g} (lr_scaled), lr {h.LEARNING_RATE:g}"),
+        ("timing", f"{args.warmup} warm-up + {args.repeats} x {args.steps} timed steps per arm, interleaved step by "
+                   f"step; setup {setup_s:.1f} s"),
+    ])
 
-    dev_name = device_name(device.type == "cuda")
-    print("SoRA vs PEFT LoRA train-step overhead")
-    print(f"  device   : {device} ({dev_name}), dtype {args.dtype}, torch threads {torch.get_num_threads()}")
-    print(f"  versions : torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
-    print(
-        f"  model    : Llama hidden {args.hidden_size}, layers {args.layers}, intermediate {args.intermediate_size}, "
-        f"heads {args.heads}/{args.kv_heads} kv, vocab {args.vocab_size}; {n_base / 1e6:.2f} M base params"
-    )
-    print(f"  batch    : {args.batch_size} x {args.seq_len} tokens")
-    print(
-        f"  adapters : rank {args.rank}, alpha {2 * args.rank}, targets {','.join(args.targets)}; "
-        f"SoRA sparse_lambda {args.sparse_lambda:g} (lr_scaled), lr {LEARNING_RATE:g}"
-    )
-    print(
-        f"  timing   : {args.warmup} warm-up + {args.repeats} x {args.steps} timed steps per arm, "
-        f"interleaved step by step; setup {setup_s:.1f} s"
-    )
-
-    # Warm-up, interleaved; the first step's loss of each arm doubles as the identical-start check.
-    for i in range(max(args.warmup, 1)):
-        for arm in (sora, lora):
-            _, loss = train_step(arm, batch, device, phases=False)
-            if i == 0:
-                arm.first_loss = float(loss.detach())
-    for arm in (sora, lora):
-        arm.phase_times = {k: [] for k in arm.phase_times}
-
-    pressure_before = cpu_pressure()
-    t_bench = time.perf_counter()
-    for rep in range(args.repeats):
-        order = (sora, lora) if rep % 2 == 0 else (lora, sora)
-        for arm in order:
-            arm.times.append([])
-        for _ in range(args.steps):
-            for arm in order:
-                dt, _ = train_step(arm, batch, device, phases=args.phases)
-                arm.times[-1].append(dt)
-    bench_s = time.perf_counter() - t_bench
-    pressure_after = cpu_pressure()
-
+    sync = h.device_sync(device)
+    timing = h.time_arms((sora, lora), max(args.warmup, 1), args.repeats, args.steps,
+                         lambda arm: h.train_step(arm, batch, sync),
+                         lambda arm: h.train_step(arm, batch, sync, phases=args.phases))
     for arm in (sora, lora):
         measure_peak_memory(arm, batch, device)
-
-    # ---- figures
-    def stats(arm: Arm) -> dict:
-        flat = [t for rep in arm.times for t in rep]
-        return {
-            "median_ms": statistics.median(flat) * 1e3,
-            "p10_ms": percentile(flat, 10) * 1e3,
-            "p90_ms": percentile(flat, 90) * 1e3,
-            "min_ms": min(flat) * 1e3,
-            "mean_ms": statistics.fmean(flat) * 1e3,
-            "per_repeat_median_ms": [statistics.median(rep) * 1e3 for rep in arm.times],
-            "n_steps": len(flat),
-        }
-
-    s, l_ = stats(sora), stats(lora)
-    ratio = s["median_ms"] / l_["median_ms"]
-    ratio_p10 = s["p10_ms"] / l_["p10_ms"]
-    ratio_min = s["min_ms"] / l_["min_ms"]
-    rep_ratios = [a / b for a, b in zip(s["per_repeat_median_ms"], l_["per_repeat_median_ms"])]
-    n_sora, n_lora = trainable(sora.model), trainable(lora.model)
+    rep = h.report_times((sora, lora), timing, [("ratio sora/lora", sora, lora)])
+    r, is_noisy = rep["ratios"]["ratio sora/lora"], rep["noisy"]
+    n_sora, n_lora = h.trainable(sora.model), h.trainable(lora.model)
     gates = sora_ds.gate_parameters(sora.model)
     n_gate_entries = sum(g.numel() for g in gates)
     dead_gates = sum(int((g == 0).sum()) for g in gates)
-
+    phase_ratios = print_phases(sora, lora) if args.phases else {}
     print()
-    print(f"  {'arm':<6}{'median ms':>11}{'p10 ms':>10}{'p90 ms':>10}{'min ms':>10}{'per-repeat medians (ms)':>32}")
-    for name, st in (("SoRA", s), ("LoRA", l_)):
-        reps = " ".join(f"{x:.2f}" for x in st["per_repeat_median_ms"])
-        print(
-            f"  {name:<6}{st['median_ms']:>11.2f}{st['p10_ms']:>10.2f}{st['p90_ms']:>10.2f}{st['min_ms']:>10.2f}"
-            f"{reps:>32}"
-        )
-    print(
-        f"  per-repeat ratio sora/lora: {' '.join(f'{r:.3f}' for r in rep_ratios)}  "
-        f"(min {min(rep_ratios):.3f}, max {max(rep_ratios):.3f})"
-    )
-    print(f"  ratio of p10s {ratio_p10:.3f}, ratio of minima {ratio_min:.3f}  (less sensitive to CPU contention)")
-    noisy = max(rep_ratios) - min(rep_ratios) > 0.05 or s["p90_ms"] > 1.5 * s["p10_ms"]
-    if pressure_after:
-        psi = ", ".join(f"{k} {v:g}" for k, v in pressure_after.items())
-        print(f"  host CPU pressure at end of timing (PSI some %, load): {psi}")
-    if noisy:
-        print(
-            "  NOTE: timings are noisy (per-repeat ratios spread > 0.05 or p90 > 1.5 x p10): other work is probably "
-            "competing for the CPU/GPU; rerun on a quiet machine, with more --repeats, or compare the p10 ratio."
-        )
-    phase_ratios = {}
-    if args.phases:
-        print()
-        print(f"  {'phase (median ms)':<20}{'SoRA':>10}{'LoRA':>10}{'ratio':>9}")
-        for ph in ("forward", "backward", "optimizer"):
-            a = statistics.median(sora.phase_times[ph]) * 1e3
-            b = statistics.median(lora.phase_times[ph]) * 1e3
-            phase_ratios[ph] = {"sora_ms": a, "lora_ms": b, "ratio": a / b}
-            print(f"  {ph:<20}{a:>10.3f}{b:>10.3f}{a / b:>9.3f}")
-    print()
-    print(f"  {'':<34}{'SoRA':>14}{'LoRA':>14}")
-    print(f"  {'adapted modules':<34}{sora.n_modules:>14}{lora.n_modules:>14}")
-    print(f"  {'trainable params':<34}{n_sora:>14,}{n_lora:>14,}")
-    print(
-        f"  {'difference (SoRA - LoRA)':<34}{n_sora - n_lora:>14,}"
-        f"   expected {args.rank} x {sora.n_modules} gates = {args.rank * sora.n_modules:,}"
-    )
-    print(f"  {'first loss (must agree)':<34}{sora.first_loss:>14.6f}{lora.first_loss:>14.6f}")
-    print(f"  {'dead gate entries after bench':<34}{f'{dead_gates} / {n_gate_entries}':>14}")
+    h.row("", "SoRA", "LoRA")
+    h.row("adapted modules", str(sora.n_modules), str(lora.n_modules))
+    h.row("trainable params", f"{n_sora:,}", f"{n_lora:,}")
+    h.row("difference (SoRA - LoRA)", f"{n_sora - n_lora:,}",
+          note=f"   expected {args.rank} x {sora.n_modules} gates = {args.rank * sora.n_modules:,}")
+    h.row("first loss (must agree)", f"{sora.first_loss:.6f}", f"{lora.first_loss:.6f}")
+    h.row("dead gate entries after bench", f"{dead_gates} / {n_gate_entries}")
     if device.type == "cuda":
-        mib = 1024**2
-        print(f"  {'peak memory during a step (MiB)':<34}{sora.peak_bytes / mib:>14.1f}{lora.peak_bytes / mib:>14.1f}")
-        print(f"  {'  of which above resident (MiB)':<34}{sora.transient_bytes / mib:>14.1f}"
-              f"{lora.transient_bytes / mib:>14.1f}")
+        h.row("peak memory during a step (MiB)", *(f"{a.peak_bytes / 2**20:.1f}" for a in (sora, lora)))
+        h.row("  of which above resident (MiB)", *(f"{a.transient_bytes / 2**20:.1f}" for a in (sora, lora)))
         print("  (resident = both arms' weights + optimizer states, since both arms live on the device together)")
-    print(f"  timed section: {bench_s:.1f} s")
+    print(f"  timed section: {timing['bench_s']:.1f} s")
     print()
-    verdict = "PASS" if ratio <= TARGET_RATIO else "ABOVE TARGET"
+    verdict = h.verdict(r["median"], TARGET_RATIO)
     print(f"device: {dev_name}")
-    print(f"ratio sora/lora (median step time): {ratio:.3f}  target <= {TARGET_RATIO}  [{verdict}]")
+    print(f"ratio sora/lora (median step time): {r['median']:.3f}  target <= {TARGET_RATIO}  [{verdict}]")
+
+    def arm_record(arm: h.Arm, st: dict, n: int) -> dict:
+        return {**st, "trainable_params": n, "adapted_modules": arm.n_modules, "first_loss": arm.first_loss,
+                "peak_bytes": arm.peak_bytes, "transient_bytes": arm.transient_bytes}
 
     result = {
-        "device": str(device),
-        "device_name": dev_name,
-        "dtype": args.dtype,
-        "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "pid": os.getpid(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "base_params": n_base,
-        "sora": {**s, "trainable_params": n_sora, "adapted_modules": sora.n_modules, "first_loss": sora.first_loss,
-                 "dead_gate_entries": dead_gates, "gate_entries": n_gate_entries,
-                 "peak_bytes": sora.peak_bytes, "transient_bytes": sora.transient_bytes},
-        "lora": {**l_, "trainable_params": n_lora, "adapted_modules": lora.n_modules, "first_loss": lora.first_loss,
-                 "peak_bytes": lora.peak_bytes, "transient_bytes": lora.transient_bytes},
-        "ratio_median": ratio,
-        "ratio_p10": ratio_p10,
-        "ratio_min": ratio_min,
-        "noisy": noisy,
-        "cpu_pressure_before": pressure_before,
-        "cpu_pressure_after": pressure_after,
-        "ratio_per_repeat": rep_ratios,
-        "ratio_per_repeat_min": min(rep_ratios),
-        "ratio_per_repeat_max": max(rep_ratios),
-        "phases": phase_ratios or None,
-        "target_ratio": TARGET_RATIO,
-        "verdict": verdict,
-        "timed_section_s": bench_s,
+        "device": str(device), "device_name": dev_name, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
+        "versions": vers, "python": platform.python_version(), "host": platform.node(), "pid": os.getpid(),
+        "args": h.args_record(args), "base_params": n_base,
+        "sora": {**arm_record(sora, sora.stats, n_sora), "dead_gate_entries": dead_gates, "gate_entries": n_gate_entries},
+        "lora": arm_record(lora, lora.stats, n_lora),
+        "ratio_median": r["median"], "ratio_p10": r["p10"], "ratio_min": r["min"], "noisy": is_noisy,
+        "cpu_pressure_before": timing["pressure_before"], "cpu_pressure_after": timing["pressure_after"],
+        "ratio_per_repeat": r["per_repeat"], "ratio_per_repeat_min": min(r["per_repeat"]),
+        "ratio_per_repeat_max": max(r["per_repeat"]), "phases": phase_ratios or None,
+        "target_ratio": TARGET_RATIO, "verdict": verdict, "timed_section_s": timing["bench_s"],
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    h.write_json(args.json, result)
     return result
 
 
