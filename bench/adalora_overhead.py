@@ -97,7 +97,6 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import harness as h
 
@@ -132,17 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time the AdaLoRA bookkeeping (scores / allocation); default: on for CPU, off for CUDA")
     g = p.add_argument_group("run")
     g.add_argument("--only", choices=("single", "zero3"), default=None, help="run one part only")
-    g.add_argument("--device", default="cpu", help="one-process part: cpu, cuda, cuda:1, ... (ZeRO-3 uses CUDA "
-                   "when available)")
-    g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: base weights (ZeRO-3: CUDA only)")
-    g.add_argument("--nproc", type=int, default=2, help="ZeRO-3 ranks (processes)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads, one-process part (default: "
-                   "torch's default)")
-    g.add_argument("--timeout", type=float, default=900, help="seconds before the launched ranks are killed")
-    g.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
-    g.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    h.run_args(g, "device", "dtype", "nproc", "seed", "threads", "timeout", "json", "worker", "workdir",
+               device="one-process part: cpu, cuda, cuda:1, ... (ZeRO-3 uses CUDA when available)",
+               dtype="bf16: base weights (ZeRO-3: CUDA only)", nproc="ZeRO-3 ranks (processes)",
+               threads="torch.set_num_threads, one-process part (default: torch's default)")
     args = p.parse_args(argv)
     h.split_targets(args)
     if args.steps < 1 or args.zero3_steps < 1 or args.repeats < 1 or args.warmup < 1 or args.nproc < 1:

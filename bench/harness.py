@@ -135,6 +135,25 @@ def timing_args(g, steps: int, warmup: int, repeats: int = 3, warmup_help: str =
     g.add_argument("--repeats", type=int, default=repeats)
 
 
+RUN_ARGS = {
+    "device": dict(default="cpu", help="cpu, cuda, cuda:1, ..."),
+    "dtype": dict(choices=("fp32", "bf16"), default="fp32"),
+    "nproc": dict(type=int, default=2, help="ranks (processes)"),
+    "seed": dict(type=int, default=0),
+    "threads": dict(type=int, default=None, help="torch.set_num_threads (default: torch's default)"),
+    "timeout": dict(type=float, default=900, help="seconds before the launched ranks are killed"),
+    "json": dict(type=Path, default=None, metavar="PATH", help="also write the figures as JSON"),
+    "worker": dict(action="store_true", help=argparse.SUPPRESS),
+    "workdir": dict(default=None, help=argparse.SUPPRESS),
+}
+
+
+def run_args(g, *names: str, **help_: str) -> None:
+    """The ``--name`` options of :data:`RUN_ARGS`, in the order given; ``name="..."`` overrides a help text."""
+    for name in names:
+        g.add_argument(f"--{name}", **{**RUN_ARGS[name], **({"help": help_[name]} if name in help_ else {})})
+
+
 def targets_arg(g) -> None:
     g.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated module-name suffixes")
 
@@ -390,7 +409,7 @@ def print_noise(is_noisy: bool, timing: dict, say=print) -> None:
 def row(label: str, *cells, width: int = 34, cell: int | tuple = 14, note: str = "", say=print) -> None:
     """One line of a side-by-side table: a label, right-aligned cells (strings), a trailing note."""
     widths = cell if isinstance(cell, tuple) else (cell,) * len(cells)
-    say(f"  {label:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + note)
+    say((f"  {label:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + note).rstrip())
 
 
 def verdict(ratio: float, target: float, strict: bool = False) -> str:

@@ -115,12 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seq-len", type=int, default=64)
     h.timing_args(g, steps=10, warmup=2)
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads; default on CPU: half the cores (1 on a 2-core host), on CUDA torch's "
-                   "default")
-    g.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
+    h.run_args(g, "device", "seed", "threads", "json", threads="torch.set_num_threads; default on CPU: half the "
+               "cores (1 on a 2-core host), on CUDA torch's default")
     g.add_argument("--worker", choices=("bf16", "4bit"), default=None, help=argparse.SUPPRESS)
     g.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     g.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)

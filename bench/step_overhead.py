@@ -58,7 +58,6 @@ import platform
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import harness as h
 import torch
@@ -81,12 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("timing")
     h.timing_args(g, steps=30, warmup=5)
     g.add_argument("--phases", action="store_true", help="also time forward / backward / optimizer separately")
-    g = p.add_argument_group("run")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
-    g.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
+    h.run_args(p.add_argument_group("run"), "device", "dtype", "seed", "threads", "json")
     args = p.parse_args(argv)
     h.split_targets(args)
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0:

@@ -95,17 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--export-large", default="8,8192,32000", metavar="L,I,V", help="large base, same format")
     g.add_argument("--export-repeats", type=int, default=15, help="timed exports per base size")
     g = p.add_argument_group("run")
-    g.add_argument("--nproc", type=int, default=2, help="ranks (processes)")
+    h.run_args(g, "nproc", "seed", "timeout", "json", "worker", "workdir")
     g.add_argument("--bf16", action="store_true", help="bf16 (CUDA only; CPU runs fp32)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--timeout", type=float, default=900, help="seconds before the launched ranks are killed")
     g.add_argument("--prefetch-bucket-size", type=int, default=None, metavar="N",
                    help="stage3_prefetch_bucket_size (default: DeepSpeed's); 0 = fetch module by module")
     g.add_argument("--module-fetch-count", action=argparse.BooleanOptionalAction, default=True,
                    help="also count one step per arm with stage3_prefetch_bucket_size 0 (default: on)")
-    g.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
-    g.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     h.split_targets(args)
     for key in ("export_small", "export_large"):
