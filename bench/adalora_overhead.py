@@ -61,8 +61,8 @@ How
     * ZeRO-3: ``python bench/adalora_overhead.py`` runs part 1 itself, then starts ``torchrun --standalone
       --nproc_per_node 2`` on itself with ``--worker`` (bounded by ``--timeout``; ``DS_ACCELERATOR=cpu`` and gloo when
       there is no CUDA, NCCL otherwise; ``OMP_NUM_THREADS`` = cores / ranks unless set), as ``zero3_overhead.py``
-      does, whose helpers it imports (collective counter, ZeRO-3 config, PEFT LoRA arm). The config has
-      ``stage3_param_persistence_threshold: 0``; base models are built inside ``deepspeed.zero.Init`` (with
+      does, with the same helpers (``bench/harness.py``: collective counter, ZeRO-3 config, PEFT LoRA arm). The
+      config has ``stage3_param_persistence_threshold: 0``; base models are built inside ``deepspeed.zero.Init`` (with
       ``HfDeepSpeedConfig`` alive), adapters added after, and ``deepspeed.initialize`` partitions them. Both engines
       live in one process, are stepped interleaved with the first arm alternating per repeat, and a barrier (outside
       the clock and the counted window) precedes every step; rank 0's clock is reported. Each rank has its own

@@ -347,6 +347,24 @@ def memory_part(args, device, workdir: Path) -> dict:
     b16, b4 = m16["bytes"], m4["bytes"]
     peak_measure = ("torch.cuda.max_memory_allocated minus allocated after imports" if cuda else
                     "process RSS: VmHWM minus VmRSS after imports (/proc/self/status), fresh subprocess per arm")
+    print_memory(args, m16, m4, cuda)
+    print(f"  peak memory measure: {peak_measure}")
+    if not cuda:
+        print("  CPU RSS caveats: the bf16 arm's weights are zero-copy views of the mmapped safetensors file "
+              "(file-backed\n  pages, resident once touched); the 4-bit arm keeps that mapping alive too (its bf16 "
+              "embeddings/lm_head\n  alias it), so the pages read while quantizing stay counted; glibc keeps freed "
+              "transient buffers\n  (the fp32 dequantization of each 4-bit layer in forward and backward). The "
+              "weight-bytes rows are the\n  like-for-like figure; on CUDA the peak is max_memory_allocated.")
+    out = {"model_params": n_params, "bf16": m16, "4bit": m4, "ratio_linear_bytes": b4["linear"] / b16["linear"],
+           "ratio_whole_bytes": b4["whole"] / b16["whole"], "peak_measure": peak_measure}
+    if m16["peak_bytes"] and m4["peak_bytes"] is not None:
+        out["ratio_peak"] = m4["peak_bytes"] / m16["peak_bytes"]
+    return out
+
+
+def print_memory(args, m16: dict, m4: dict, cuda: bool) -> None:
+    """The part-1 table, bf16 vs 4-bit: weight bytes, load time, resident / peak memory, the SoRA steps."""
+    b16, b4 = m16["bytes"], m4["bytes"]
     print()
     h.row("part 1: memory", "bf16 base", "4-bit base", "4bit/bf16", width=44, cell=(14, 14, 11))
 
@@ -365,7 +383,7 @@ def memory_part(args, device, workdir: Path) -> dict:
     line("  of which packed storage (MiB)", "linear_packed", ratio=False, get=byte)
     line("  of which quant state (MiB)", "linear_quant_state", "{:,.2f}", False, get=byte)
     line("whole model: params + buffers (MiB)", "whole", get=byte)
-    line("  rest (embeddings, lm_head, norms) (MiB)", "rest", get=lambda m, k: m["bytes"]["whole"] - m["bytes"]["linear"])
+    line("  rest (embeddings, lm_head, norms) (MiB)", "", get=lambda m, k: m["bytes"]["whole"] - m["bytes"]["linear"])
     line("transformers get_memory_footprint (MiB)", "hf_memory_footprint", get=byte)
     line("bits per linear weight", "", "{:.3f}", scale=1,
          get=lambda m, k: 8 * m["bytes"]["linear"] / m["bytes"]["linear_params"])
@@ -384,18 +402,6 @@ def memory_part(args, device, workdir: Path) -> dict:
          lambda m, k: statistics.median(m[k]) if m[k] else None)
     if m16["losses"] and m4["losses"]:
         line("first loss (close: same weights, 4-bit error)", "losses", "{:.4f}", False, 1, lambda m, k: m[k][0])
-    print(f"  peak memory measure: {peak_measure}")
-    if not cuda:
-        print("  CPU RSS caveats: the bf16 arm's weights are zero-copy views of the mmapped safetensors file "
-              "(file-backed\n  pages, resident once touched); the 4-bit arm keeps that mapping alive too (its bf16 "
-              "embeddings/lm_head\n  alias it), so the pages read while quantizing stay counted; glibc keeps freed "
-              "transient buffers\n  (the fp32 dequantization of each 4-bit layer in forward and backward). The "
-              "weight-bytes rows are the\n  like-for-like figure; on CUDA the peak is max_memory_allocated.")
-    out = {"model_params": n_params, "bf16": m16, "4bit": m4, "ratio_linear_bytes": b4["linear"] / b16["linear"],
-           "ratio_whole_bytes": b4["whole"] / b16["whole"], "peak_measure": peak_measure}
-    if m16["peak_bytes"] and m4["peak_bytes"] is not None:
-        out["ratio_peak"] = m4["peak_bytes"] / m16["peak_bytes"]
-    return out
 
 
 def timing_part(args, device, workdir: Path, n_mem_params: int) -> dict:
@@ -440,7 +446,8 @@ def timing_part(args, device, workdir: Path, n_mem_params: int) -> dict:
     print(f"  setup (2 x 4-bit load + adapters) {setup_s:.1f} s, timed section {timing['bench_s']:.1f} s")
     return {
         "model_params": n_params, "sizes": dict(zip(SIZES, sizes)), "load_dtype": dtype_name, "compute_dtype": cdt,
-        "sora": sora.stats, "lora": lora.stats, "trainable_params": {"sora": h.trainable(sora.model), "lora": h.trainable(lora.model)},
+        "sora": sora.stats, "lora": lora.stats,
+        "trainable_params": {"sora": h.trainable(sora.model), "lora": h.trainable(lora.model)},
         "adapter_dtype": {"sora": str(sora.adapter_dtype), "lora": str(lora.adapter_dtype)},
         "first_loss": {"sora": sora.first_loss, "lora": lora.first_loss}, "ratio_median": r["median"],
         "ratio_per_repeat": r["per_repeat"], "noisy": rep["noisy"], "setup_s": setup_s,
@@ -460,7 +467,8 @@ def main(argv: list[str] | None = None) -> dict:
     h.header("QLoRA memory (bf16 vs 4-bit nf4 base) and step time (SoRA-4bit vs PEFT-LoRA-4bit)", [
         ("device", f"{device} ({dev_name}), torch threads {torch.get_num_threads()}"),
         ("versions", h.version_text(vers, python=True)),
-        ("4-bit", f"nf4, double quant, quant_storage bf16, compute dtype {str(compute_dtype(device)).replace('torch.', '')}, "
+        ("4-bit", f"nf4, double quant, quant_storage bf16, compute dtype "
+                  f"{str(compute_dtype(device)).replace('torch.', '')}, "
                   f"device_map {device_map(device)!r}"),
     ])
     t_all = time.perf_counter()

@@ -99,7 +99,14 @@ def main() -> None:
                                    *common, *base, "--per_device_train_batch_size", "4", "--output_dir", str(two)])
         rows[path] = compare(one, two)
     cross = compare(root / "one_avx512_bf16", root / "one_generic")
+    text = render(args, rows, times, cross)
+    print(text)
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out}")
 
+
+def render(args, rows: dict, times: dict, cross: dict) -> str:
+    """The markdown table of one run (one row per bitsandbytes CPU path) and the mid-run eval losses."""
     import bitsandbytes
 
     lines = [
@@ -134,10 +141,7 @@ def main() -> None:
     ]
     for path, r in rows.items():
         lines.append(f"- {path}: " + ", ".join(f"{s}: {a:.5f} / {b:.5f}" for s, a, b in r["evals"]))
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).write_text(text)
-    print(f"wrote {args.out}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -388,7 +388,8 @@ def run_adalora(cfg, data, model_dir):
     n0 = h.trainable(model)
     opt = h.adamw(model, cfg["learning_rate"])
     w = cfg["adalora_orth_reg_weight"]
-    adapter_params = [(n, p) for n, p in model.named_parameters() if ("lora_A" in n or "lora_B" in n) and p.requires_grad]
+    adapter_params = [(n, p) for n, p in model.named_parameters()
+                      if ("lora_A" in n or "lora_B" in n) and p.requires_grad]
 
     def orth(_model):
         # PEFT adds this only when the model computes the loss itself; we compute it, so add it here (same formula)
@@ -432,7 +433,8 @@ def run_sora_ds_adalora(cfg, data, model_dir):
                                  penalty=lambda m: sora_ds.orth_loss(m, w))
     kept_params, rep = sora_params(model)
     return finish(f"AdaLoRA (sora_ds) {ir}->{tr}", model, n0, kept_params, train_s, losses, data, cfg,
-                  ranks_kept=sum(v["kept"] for v in rep.values()), kept_per_module={n: v["kept"] for n, v in rep.items()})
+                  ranks_kept=sum(v["kept"] for v in rep.values()),
+                  kept_per_module={n: v["kept"] for n, v in rep.items()})
 
 
 def run_scheduler(cfg, data, model_dir):

@@ -127,6 +127,27 @@ def print_phases(sora: h.Arm, lora: h.Arm) -> dict:
     return out
 
 
+def print_sanity(args, sora: h.Arm, lora: h.Arm, cuda: bool) -> dict:
+    """Adapted modules, trainable parameters (they differ by the gates), first losses, dead gates, CUDA peaks."""
+    for arm in (sora, lora):
+        arm.trainable = h.trainable(arm.model)
+    gates = sora_ds.gate_parameters(sora.model)
+    dead, n_gates = sum(int((g == 0).sum()) for g in gates), sum(g.numel() for g in gates)
+    print()
+    h.row("", "SoRA", "LoRA")
+    h.row("adapted modules", str(sora.n_modules), str(lora.n_modules))
+    h.row("trainable params", f"{sora.trainable:,}", f"{lora.trainable:,}")
+    h.row("difference (SoRA - LoRA)", f"{sora.trainable - lora.trainable:,}",
+          note=f"   expected {args.rank} x {sora.n_modules} gates = {args.rank * sora.n_modules:,}")
+    h.row("first loss (must agree)", f"{sora.first_loss:.6f}", f"{lora.first_loss:.6f}")
+    h.row("dead gate entries after bench", f"{dead} / {n_gates}")
+    if cuda:
+        h.row("peak memory during a step (MiB)", *(f"{a.peak_bytes / 2**20:.1f}" for a in (sora, lora)))
+        h.row("  of which above resident (MiB)", *(f"{a.transient_bytes / 2**20:.1f}" for a in (sora, lora)))
+        print("  (resident = both arms' weights + optimizer states, since both arms live on the device together)")
+    return {"dead_gate_entries": dead, "gate_entries": n_gates}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = h.torch_device(args.device, args.threads)
@@ -157,39 +178,23 @@ def main(argv: list[str] | None = None) -> dict:
         measure_peak_memory(arm, batch, device)
     rep = h.report_times((sora, lora), timing, [("ratio sora/lora", sora, lora)])
     r, is_noisy = rep["ratios"]["ratio sora/lora"], rep["noisy"]
-    n_sora, n_lora = h.trainable(sora.model), h.trainable(lora.model)
-    gates = sora_ds.gate_parameters(sora.model)
-    n_gate_entries = sum(g.numel() for g in gates)
-    dead_gates = sum(int((g == 0).sum()) for g in gates)
     phase_ratios = print_phases(sora, lora) if args.phases else {}
-    print()
-    h.row("", "SoRA", "LoRA")
-    h.row("adapted modules", str(sora.n_modules), str(lora.n_modules))
-    h.row("trainable params", f"{n_sora:,}", f"{n_lora:,}")
-    h.row("difference (SoRA - LoRA)", f"{n_sora - n_lora:,}",
-          note=f"   expected {args.rank} x {sora.n_modules} gates = {args.rank * sora.n_modules:,}")
-    h.row("first loss (must agree)", f"{sora.first_loss:.6f}", f"{lora.first_loss:.6f}")
-    h.row("dead gate entries after bench", f"{dead_gates} / {n_gate_entries}")
-    if device.type == "cuda":
-        h.row("peak memory during a step (MiB)", *(f"{a.peak_bytes / 2**20:.1f}" for a in (sora, lora)))
-        h.row("  of which above resident (MiB)", *(f"{a.transient_bytes / 2**20:.1f}" for a in (sora, lora)))
-        print("  (resident = both arms' weights + optimizer states, since both arms live on the device together)")
+    gates = print_sanity(args, sora, lora, device.type == "cuda")
     print(f"  timed section: {timing['bench_s']:.1f} s")
     print()
     verdict = h.verdict(r["median"], TARGET_RATIO)
     print(f"device: {dev_name}")
     print(f"ratio sora/lora (median step time): {r['median']:.3f}  target <= {TARGET_RATIO}  [{verdict}]")
 
-    def arm_record(arm: h.Arm, st: dict, n: int) -> dict:
-        return {**st, "trainable_params": n, "adapted_modules": arm.n_modules, "first_loss": arm.first_loss,
-                "peak_bytes": arm.peak_bytes, "transient_bytes": arm.transient_bytes}
+    def arm_record(arm: h.Arm) -> dict:
+        return {**arm.stats, "trainable_params": arm.trainable, "adapted_modules": arm.n_modules,
+                "first_loss": arm.first_loss, "peak_bytes": arm.peak_bytes, "transient_bytes": arm.transient_bytes}
 
     result = {
         "device": str(device), "device_name": dev_name, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
         "versions": vers, "python": platform.python_version(), "host": platform.node(), "pid": os.getpid(),
         "args": h.args_record(args), "base_params": n_base,
-        "sora": {**arm_record(sora, sora.stats, n_sora), "dead_gate_entries": dead_gates, "gate_entries": n_gate_entries},
-        "lora": arm_record(lora, lora.stats, n_lora),
+        "sora": {**arm_record(sora), **gates}, "lora": arm_record(lora),
         "ratio_median": r["median"], "ratio_p10": r["p10"], "ratio_min": r["min"], "noisy": is_noisy,
         "cpu_pressure_before": timing["pressure_before"], "cpu_pressure_after": timing["pressure_after"],
         "ratio_per_repeat": r["per_repeat"], "ratio_per_repeat_min": min(r["per_repeat"]),
