@@ -249,7 +249,7 @@ def build_single_arms(args, base, timer_sync) -> tuple[h.Arm, h.Arm, h.Arm, int]
     sora_model = copy.deepcopy(base)
     adapted = sora_ds.inject(sora_model, adalora_config(args, total_step))
     with torch.no_grad():  # twin start: PEFT's P and Q (E = 0 in both)
-        for name, m in sora_ds.sora_modules(sora_model):
+        for name, m in h.adapter_layers(sora_model):
             pm = peft_model.base_model.model.get_submodule(name)
             m.lora_A.copy_(pm.lora_A["default"])
             m.lora_B.copy_(pm.lora_B["default"])
@@ -322,9 +322,7 @@ def print_bookkeeping(parts: dict, st: dict) -> None:
 
 def kept_triplets(sora: h.Arm, peft: h.Arm, budget: dict) -> dict:
     """Kept triplets (E != 0) of both AdaLoRA arms, and how many agree."""
-    import sora_ds
-
-    sora_kept = {n: (m.gate.detach() != 0).cpu() for n, m in sora_ds.sora_modules(sora.model)}
+    sora_kept = {n: (m.gate.detach() != 0).cpu() for n, m in h.adapter_layers(sora.model)}
     peft_kept = {n: (peft.model.base_model.model.get_submodule(n).lora_E["default"].detach().reshape(-1) != 0).cpu()
                  for n in sora_kept}
     return {"sora": sum(int(v.sum()) for v in sora_kept.values()),
@@ -486,8 +484,6 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from transformers.integrations import HfDeepSpeedConfig
 
-    import sora_ds
-    from sora_ds.compact import adapter_tensors
     from sora_ds.optim import unwrap_optimizer
 
     parts_on = (not w.cuda) if args.parts is None else args.parts
@@ -501,7 +497,7 @@ def worker(args: argparse.Namespace) -> None:
     allocator = unwrap_optimizer(sora.model.optimizer).rank_allocator
     sora.parts = sora_timer(allocator, w.sync if w.cuda else None) if parts_on else None
     frozen = [p for p in sora.model.module.parameters() if not p.requires_grad]
-    shard = {"sora-ds adapter": h.held(adapter_tensors([m for _, m in sora_ds.sora_modules(sora.model.module)])),
+    shard = {"sora-ds adapter": h.held(h.adapter_params(sora.model.module)),
              "lora adapter": h.held([p for p in lora.model.module.parameters() if p.requires_grad]),
              "frozen base": h.held(frozen)}
     batch = h.random_batch(args.zero3_vocab_size, args.zero3_batch_size, args.zero3_seq_len, args.seed + 1 + w.rank,

@@ -230,6 +230,20 @@ def lora_arm(model, rank: int, targets, autocast_adapter_dtype: bool = True, lor
     return model, adamw(model), len(peft_lora_layers(model))
 
 
+def adapter_layers(model) -> list:
+    """sora-ds's adapted layers of ``model``: (name, layer) pairs."""
+    import sora_ds
+
+    return list(sora_ds.sora_modules(model))
+
+
+def adapter_params(model) -> list:
+    """Every adapter tensor (A, B, gate) of sora-ds's adapted layers of ``model``."""
+    from sora_ds.compact import adapter_tensors
+
+    return adapter_tensors([m for _, m in adapter_layers(model)])
+
+
 def peft_lora_layers(model) -> list:
     from peft.tuners.lora import LoraLayer
 

@@ -228,10 +228,8 @@ def weight_bytes(model: torch.nn.Module) -> dict:
 
 
 def attach_sora(model) -> h.Arm:
-    import sora_ds
-
     arm = h.Arm("SoRA-4bit", *h.sora_arm(model, RANK, TARGETS, 0, SPARSE_LAMBDA, gate_init="ones"))
-    arm.adapter_dtype = next(m.lora_A.dtype for _, m in sora_ds.sora_modules(arm.model))
+    arm.adapter_dtype = next(m.lora_A.dtype for _, m in h.adapter_layers(arm.model))
     return arm
 
 

@@ -322,7 +322,7 @@ def sora_params(model) -> tuple[int, dict]:
     import sora_ds
 
     rep = sora_ds.rank_report(model)
-    mods = dict(sora_ds.sora_modules(model))
+    mods = dict(h.adapter_layers(model))
     kept = sum(v["kept"] * (mods[n].in_features + mods[n].out_features) for n, v in rep.items())
     return kept, rep
 
@@ -366,12 +366,6 @@ def kept_ranks(model) -> int:
     import sora_ds
 
     return sum(v["kept"] for v in sora_ds.rank_report(model).values())
-
-
-def sum_in_out(model) -> int:
-    import sora_ds
-
-    return sum(m.in_features + m.out_features for _, m in sora_ds.sora_modules(model))
 
 
 def run_adalora(cfg, data, model_dir):

@@ -143,9 +143,8 @@ def build_arms(args: argparse.Namespace, w, config: dict) -> tuple[h.Arm, h.Arm]
 def sharding(sora: h.Arm, lora: h.Arm) -> tuple[dict, list, list]:
     """Elements held by this rank / full, and the partitioned trainable tensors of each arm."""
     import sora_ds
-    from sora_ds.compact import adapter_tensors
 
-    sora_adapter = adapter_tensors([m for _, m in sora_ds.sora_modules(sora.model.module)])
+    sora_adapter = h.adapter_params(sora.model.module)
     lora_adapter = [p for p in lora.model.module.parameters() if p.requires_grad]
     return {
         "sora adapter": h.held(sora_adapter),
@@ -259,9 +258,6 @@ def export_arms(args, w, config: dict) -> list[h.Arm]:
     """Part 3 set-up: SoRA with identical adapters on a small and a large base, one training step each."""
     import deepspeed
 
-    import sora_ds
-    from sora_ds.compact import adapter_tensors
-
     arms = []
     for label, (layers, inter, vocab) in (("small", args.export_small), ("large", args.export_large)):
         base = h.build_llama(args.hidden_size, layers, inter, args.heads, vocab, args.seq_len, args.seed,
@@ -269,7 +265,7 @@ def export_arms(args, w, config: dict) -> list[h.Arm]:
         model, opt, n_mod = h.sora_arm(base, args.rank, EXPORT_TARGET, args.seed, SPARSE_LAMBDA, gate_init="ones")
         _, base_numel = h.held([p for p in model.parameters() if not p.requires_grad])
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-        on_rank0, full = h.held(adapter_tensors([m for _, m in sora_ds.sora_modules(engine.module)]))
+        on_rank0, full = h.held(h.adapter_params(engine.module))
         arms.append(h.Arm(label, engine, info={"layers": layers, "intermediate": inter, "vocab": vocab,
                                                "base_params": base_numel, "modules": n_mod, "adapter_params": full,
                                                "adapter_on_rank0": on_rank0}))
