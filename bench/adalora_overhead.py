@@ -27,7 +27,7 @@ What it measures (one run, the arms of each part side by side)
        ``zero_grad``); on CUDA this adds synchronisations inside the step, so the totals then include them.
     2. ZeRO-3, 2 ranks. sora-ds AdaLoRA against PEFT LoRA as above, both as DeepSpeed ZeRO-3 engines: a step is
        ``loss = engine(x, labels=x).loss (+ orth_loss(engine.module, 0.5)); engine.backward(loss);
-       engine.step()``; sora-ds's ``SoRAAdamW`` (from ``build_optimizer``) and torch's AdamW are the client
+       engine.step()``; sora-ds's ``AdapterAdamW`` (from ``build_optimizer``) and torch's AdamW are the client
        optimizers of ``deepspeed.initialize``. Prints the medians, p10/p90, per-repeat medians, the ratio sora-ds
        AdaLoRA / PEFT LoRA (target <= 1.10), the fraction of adapter elements held by rank 0 (to show the adapters
        really are sharded), the collectives of one timed step per op and arm with the DeepSpeed / sora-ds call site
@@ -484,7 +484,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from transformers.integrations import HfDeepSpeedConfig
 
-    from sora_ds.optim import unwrap_optimizer
+    from sora_ds.adapters.optim import unwrap_optimizer
 
     parts_on = (not w.cuda) if args.parts is None else args.parts
     config = h.ds_config(args.zero3_batch_size, w.bf16)

@@ -234,12 +234,12 @@ def adapter_layers(model) -> list:
     """sora-ds's adapted layers of ``model``: (name, layer) pairs."""
     import sora_ds
 
-    return list(sora_ds.sora_modules(model))
+    return list(sora_ds.adapter_layers(model))
 
 
 def adapter_params(model) -> list:
     """Every adapter tensor (A, B, gate) of sora-ds's adapted layers of ``model``."""
-    from sora_ds.compact import adapter_tensors
+    from sora_ds.adapters.compact import adapter_tensors
 
     return adapter_tensors([m for _, m in adapter_layers(model)])
 

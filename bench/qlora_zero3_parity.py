@@ -6,7 +6,7 @@ of bitsandbytes' CPU code paths (AVX512-BF16 and generic, forced whatever this C
 
 Each arm is the recipe as users run it (`python recipes/llama_sora.py`, `accelerate launch ... zero3.yaml`), on the
 same saved base, the same data and global batch (8 on one process, 4 per rank on two). Before the fix in
-sora_ds/quantized.py, the AVX512-BF16 path diverged at the first mid-run eval (issue 11: max relative loss
+sora_ds/engine/quantized.py, the AVX512-BF16 path diverged at the first mid-run eval (issue 11: max relative loss
 difference 0.41, final eval accuracy 18.8% vs 0.5%).
 """
 

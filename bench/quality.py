@@ -433,7 +433,7 @@ def run_sora_ds_adalora(cfg, data, model_dir):
 
 def run_scheduler(cfg, data, model_dir):
     import sora_ds
-    from sora_ds.schedule import LambdaSchedule, StageRecorder
+    from sora_ds import LambdaSchedule, StageRecorder
 
     steps = cfg["sched_steps"]
     sched = LambdaSchedule(sparse_lambda=cfg["sched_sparse_lambda"], lambda_schedule="linear",
