@@ -53,6 +53,12 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_losses(run_a: Path, run_b: Path, tol: float = 1e-5) -> None:
+    """Two runs logged the same per-step training losses (to ``tol``)."""
+    a, b = ([r["loss"] for r in metrics(run)] for run in (run_a, run_b))
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=tol, atol=tol)
+
+
 def assert_run_reloads_in_peft(model, run_dir: Path, atol: float = 1e-5) -> None:
     """A recipe run's ``adapter/`` on its ``base_model/``, loaded by PEFT, gives the trained model's logits."""
     from peft import PeftModel

@@ -12,7 +12,12 @@ from sora_ds import adapter_layers
 from sora_ds.adapters.budget import BudgetSchedule
 from sora_ds.recipe.config import ConfigError, load_config
 from sora_ds.recipe.train import train
-from tests.support import ADALORA_DEMO, assert_run_reloads_in_peft, metrics
+from tests.support import (
+    ADALORA_DEMO,
+    assert_run_reloads_in_peft,
+    assert_same_losses,
+    metrics,
+)
 
 pytestmark = pytest.mark.recipe
 
@@ -105,9 +110,7 @@ def test_orth_penalty_survives_gradient_checkpointing(tmp_path):
     base = ["--max_steps", "3", "--log_every", "1", "--t_init", "0", "--t_final", "1"]
     train(load_config([*base, "--gradient_checkpointing", "true", "--output_dir", str(tmp_path / "gc")], ADALORA_DEMO))
     train(load_config([*base, "--output_dir", str(tmp_path / "plain")], ADALORA_DEMO))
-    with_gc = [r["loss"] for r in metrics(tmp_path / "gc")]
-    without = [r["loss"] for r in metrics(tmp_path / "plain")]
-    torch.testing.assert_close(torch.tensor(with_gc), torch.tensor(without), rtol=1e-5, atol=1e-5)
+    assert_same_losses(tmp_path / "gc", tmp_path / "plain")
 
 
 def test_adalora_on_a_4bit_base_trains_prunes_and_exports(tmp_path):

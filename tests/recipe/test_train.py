@@ -11,9 +11,15 @@ import pytest
 import torch
 
 from sora_ds.data.chat import DataError
-from sora_ds.recipe.train import train
 from sora_ds.recipe.config import load_config
-from tests.support import REPO, SORA_DEMO, assert_run_reloads_in_peft, metrics
+from sora_ds.recipe.train import train
+from tests.support import (
+    REPO,
+    SORA_DEMO,
+    assert_run_reloads_in_peft,
+    assert_same_losses,
+    metrics,
+)
 
 pytestmark = pytest.mark.recipe
 
@@ -131,9 +137,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
     # The layers' own flag (transformers >= 5.0; `is_activation_checkpointing` exists only from 5.23).
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     train(load_config([*base, "--output_dir", str(tmp_path / "plain")], SORA_DEMO))
-    with_gc = [r["loss"] for r in metrics(tmp_path / "gc")]
-    without = [r["loss"] for r in metrics(tmp_path / "plain")]
-    torch.testing.assert_close(torch.tensor(with_gc), torch.tensor(without), rtol=1e-5, atol=1e-5)
+    assert_same_losses(tmp_path / "gc", tmp_path / "plain")
 
 
 def test_tensorboard_tracker_gets_the_logged_metrics(tmp_path):
