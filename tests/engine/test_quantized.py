@@ -156,12 +156,17 @@ def test_eval_between_steps_leaves_training_unchanged(base_dir, kind, bnb_cpu_pa
     assert with_evals == plain
 
 
-def test_export_from_4bit_applies_to_quantized_and_full_bases(base_dir, tmp_path, bnb_cpu_path):
+def trained_nf4(base_dir):
+    """An nf4 model after SoRA training with an eval at step 10, its inputs and its eval-mode logits."""
     model = load(base_dir, "nf4")
     _, _, ids = train_sora(model, eval_at=(10,))
     model.eval()
     with torch.no_grad():
-        ref = model(input_ids=ids).logits
+        return model, ids, model(input_ids=ids).logits
+
+
+def test_export_from_4bit_applies_to_quantized_and_full_bases(base_dir, tmp_path, bnb_cpu_path):
+    model, ids, ref = trained_nf4(base_dir)
     sora_ds.export_peft(model, tmp_path / "adapter")
 
     # Pinned as sora_ds pins its own models: unpinned, an eval on the AVX512-BF16 path takes bitsandbytes' bf16-only
@@ -179,11 +184,7 @@ def test_export_from_4bit_applies_to_quantized_and_full_bases(base_dir, tmp_path
 
 
 def test_merge_into_4bit_base_dequantizes_and_says_so(base_dir, tmp_path, bnb_cpu_path):
-    model = load(base_dir, "nf4")
-    _, _, ids = train_sora(model, eval_at=(10,))
-    model.eval()
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits
+    model, ids, ref = trained_nf4(base_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sora_ds.save_merged(model, tmp_path / "merged")
