@@ -59,8 +59,8 @@ class Run:
     progress: dict  # step, micro_batches, stages: saved in checkpoints
     stages: StageRecorder
     started: float
-    trainable: list = field(default_factory=list)  # the prepared model's trainable parameters (what is clipped)
-    started_training: float = 0.0
+    trainable: list  # the prepared model's trainable parameters (what is clipped)
+    started_training: float = 0.0  # set when the first step is about to run
     window: list = field(default_factory=lambda: [0.0, 0])  # loss sum and steps since the last log line
     bar: Any = None
 
@@ -124,6 +124,8 @@ def start(cfg: TrainConfig) -> Run:
               mem_dl=mem_dl, shapes={n: (m.in_features, m.out_features) for n, m in adapter_layers(plain)},
               progress=progress, stages=StageRecorder.from_dicts(progress["stages"]), started=started, trainable=trainable)
     open_logs(run, resumed=resume is not None)
+    model.train()
+    run.started_training = time.perf_counter()
     return run
 
 
@@ -166,8 +168,6 @@ def open_logs(run: Run, resumed: bool) -> None:
 
     run.bar = tqdm(total=cfg.max_steps, initial=run.progress["step"], disable=not accelerator.is_local_main_process,
                    desc=cfg.method)
-    run.model.train()
-    run.started_training = time.perf_counter()
 
 
 def optimizer_step(run: Run, step: int) -> None:
