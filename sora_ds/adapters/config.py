@@ -13,6 +13,7 @@ compaction and the PEFT LoRA export are shared.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .budget import BudgetSchedule
@@ -55,6 +56,10 @@ class AdapterConfig:
         if isinstance(targets, str):
             if not targets:
                 raise self.error("target_modules", "is an empty string; give names or a regex")
+            try:
+                re.compile(targets)
+            except re.error as e:
+                raise self.error("target_modules", f"{targets!r} is not a valid regular expression: {e}") from None
         elif not targets or not all(isinstance(t, str) and t for t in targets):
             raise self.error(
                 "target_modules", f"must be a non-empty list of module names or a regex string, got {targets!r}"

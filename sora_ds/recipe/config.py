@@ -71,7 +71,7 @@ class TrainConfig:
     # --- data ---
     dataset: str | None = None  # local .json/.jsonl file or folder, or hub dataset name; None: built-in tiny chat
     dataset_split: str = "train"
-    eval_size: float = 0.1  # fraction in (0, 1) or a count of examples
+    eval_size: int | float = 0.1  # fraction in (0, 1) or a count of examples
     max_length: int = 128
     packing: bool = False  # several training examples per max_length row, kept apart by position_ids
     # --- adapter: flat keys of SoRAConfig / AdaLoRAConfig (see the module docstring) ---
@@ -96,6 +96,7 @@ class TrainConfig:
     seed: int = 42
     # --- outputs ---
     output_dir: str = "outputs/sora"
+    overwrite_output_dir: bool = False  # replace the run files of another run found in output_dir (never other files)
     log_every: int = 10
     report_to: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard] or [wandb]
     eval_every: int = 50  # 0: evaluate only at the end (and at stage ends)
@@ -103,8 +104,10 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: none
     save_total_limit: int = 0  # keep only the newest N checkpoints; 0: keep all
     resume_from: str | None = None  # a checkpoint folder, or "latest" (newest under output_dir/checkpoints)
+    resume_allow_changes: list[str] = field(default_factory=list)  # keys a resume may change; only RESUME_OPT_IN
     # --- distributed ---
     deepspeed_config: str | None = None  # DeepSpeed JSON, for launchers other than `accelerate launch`
+    dist_timeout: int | None = None  # seconds a collective may wait for a silent rank; None: 180 on CPU, 600 on GPU
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, tuple(ADAPTER_CONFIGS))
@@ -115,11 +118,20 @@ class TrainConfig:
         for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)!r}")
-        for key in ("save_every", "save_total_limit", "warmup_steps", "eval_every", "gate_l1", "weight_decay"):
+        for key in ("save_every", "save_total_limit", "warmup_steps", "eval_every", "gate_l1", "weight_decay",
+                    "max_grad_norm"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)!r}")
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
             raise ConfigError("deepspeed_config", f"is {self.deepspeed_config!r}: no such file")
+        if not self.output_dir:
+            raise ConfigError("output_dir", "is empty; give the folder the run writes to (e.g. outputs/my_run)")
+        if self.dist_timeout is not None and self.dist_timeout < 1:
+            raise ConfigError("dist_timeout", f"must be >= 1 second (or null for the default), got {self.dist_timeout!r}")
+        not_allowed = sorted(set(self.resume_allow_changes) - RESUME_OPT_IN)
+        if not_allowed:
+            raise ConfigError("resume_allow_changes", f"entries {not_allowed} cannot be allowed; allowed: "
+                              f"{sorted(RESUME_OPT_IN)} (the other keys must keep their checkpoint values)")
         if self.max_length < 8:
             raise ConfigError("max_length", f"must be >= 8, got {self.max_length!r}")
         if not self.learning_rate > 0:
@@ -128,9 +140,10 @@ class TrainConfig:
             raise ConfigError("model_config", "must be a non-empty mapping when model_name_or_path is null")
         _check_trackers(self.report_to)
         self._derive_library_configs()
-        if self.method == "adalora" and self.gate_l1:
-            raise ConfigError("gate_l1", f"={self.gate_l1} is a SoRA setting; with method: adalora set it to 0 "
-                              "(the budget schedule t_init / t_final / delta_t / target_r prunes instead)")
+        if self.method == "adalora":
+            for key, default in SORA_ONLY_KEYS.items():
+                if getattr(self, key) != default:
+                    raise _sora_only(key, self.method)
         self.bnb_config()
 
     def _derive_library_configs(self) -> None:
@@ -184,9 +197,22 @@ class TrainConfig:
             value = getattr(self, f.name)
             if f.name in ("adapter", "sparsity"):
                 flat.update({k: v for k, v in dataclasses.asdict(value).items() if k not in DERIVED} if value else {})
+            elif f.name in SORA_ONLY_KEYS and self.method != "sora":
+                continue
             else:
                 flat[f.name] = value
         return flat
+
+
+# The optimizer's gate-step settings: SoRA only (an AdaLoRA run refuses them rather than ignoring them).
+SORA_ONLY_KEYS = {"threshold_mode": "lr_scaled", "gate_l1": 0.0, "gate_learning_rate": None}
+# Keys a resume may change when named in resume_allow_changes (see sora_ds/recipe/resume.py for the rest).
+RESUME_OPT_IN = frozenset({"max_steps", "model_name_or_path", "tokenizer_name_or_path", "dataset"})
+
+
+def _sora_only(key: str, method: str) -> ConfigError:
+    return ConfigError(key, f"is a SoRA setting (the gate step); with method: {method} leave it out (AdaLoRA prunes "
+                       "by its budget schedule: target_r, t_init, t_final, delta_t)")
 
 
 def _check_choice(key: str, value, allowed: tuple) -> None:
@@ -217,6 +243,8 @@ def _field_names(cls) -> set[str]:
 
 def key_owner(key: str, method: str) -> type:
     """The dataclass that defines recipe key ``key`` for ``method``; an error naming the key if none does."""
+    if key in SORA_ONLY_KEYS and method != "sora":
+        raise _sora_only(key, method)
     if key in OWN_KEYS:
         return TrainConfig
     if key in _field_names(ADAPTER_CONFIGS[method]):
@@ -299,7 +327,8 @@ def _coerce(key: str, value, source: str, owner: type):
         value = "yes" if value else "no"  # YAML 1.1 reads `mixed_precision: no` as False; the key wants the word
     if not _type_ok(value, hint):
         raise ConfigError(key, f"(from {source}) got {value!r} of type {type(value).__name__}; expected {_hint_name(hint)}")
-    if hint is float or (typing.get_origin(hint) in (typing.Union, types.UnionType) and float in typing.get_args(hint)):
+    union = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
+    if hint is float or (float in union and int not in union):
         if isinstance(value, int):
             value = float(value)
     return value
@@ -363,7 +392,12 @@ def _read_yaml(path: str | None) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError("--config", f"{path!r}: no such file")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("--config", f"{path!r} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise ConfigError("--config", f"{path!r} must hold a mapping of config keys, got {type(data).__name__}")
     return data

@@ -32,7 +32,9 @@ pytestmark = pytest.mark.recipe
         (["--sparsify_stages", "3"], r"^sparsify_stages \(from command line\) is a SoRA key \(LambdaSchedule\); with method: adalora"),
         (["--gate_init", "ones"], r"^gate_init \(from command line\) belongs to SoRAConfig; with method: adalora leave it out"),
         (["--total_step", "50"], r"^total_step \(from command line\) is set by the recipe from max_steps"),
-        (["--gate_l1", "0.1"], r"^gate_l1=0.1 is a SoRA setting"),
+        (["--gate_l1", "0.1"], r"^gate_l1 \(from command line\) is a SoRA setting \(the gate step\); with method: adalora"),
+        (["--threshold_mode", "absolute"], r"^threshold_mode \(from command line\) is a SoRA setting"),
+        (["--gate_learning_rate", "0.1"], r"^gate_learning_rate \(from command line\) is a SoRA setting"),
         (["--method", "lora"], r"method='lora' is not allowed; choose one of \['sora', 'adalora'\]"),
     ],
 )

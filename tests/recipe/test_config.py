@@ -27,11 +27,31 @@ pytestmark = pytest.mark.unit
         (["--lambda_schedule", "loglinear", "--lambda_start", "0"], r"^lambda_start must be > 0 for lambda_schedule='loglinear', got 0.0$"),
         (["--target_modules", "[]"], "target_modules"),
         (["stray"], r"^argument 'stray' is unexpected; use --config FILE.yaml and --key value overrides$"),
+        (["--max_grad_norm", "-1"], r"^max_grad_norm must be >= 0, got -1.0$"),
+        (["--output_dir", ""], r"^output_dir is empty; give the folder the run writes to"),
+        (["--target_modules", "'(q|v_proj'"], r"^target_modules '\(q\|v_proj' is not a valid regular expression: "
+                                                r"missing \), unterminated subpattern"),
+        (["--dist_timeout", "0"], r"^dist_timeout must be >= 1 second"),
+        (["--resume_allow_changes", "[seed]"], r"^resume_allow_changes entries \['seed'\] cannot be allowed; allowed: "
+                                               r"\['dataset', 'max_steps', 'model_name_or_path', 'tokenizer_name_or_path'\]"),
     ],
 )
 def test_config_errors_name_the_key(argv, match):
     with pytest.raises(ConfigError, match=match):
         load_config(argv, SORA_DEMO)
+
+
+def test_eval_size_is_a_fraction_or_a_count():
+    assert load_config(["--eval_size", "10"], SORA_DEMO).eval_size == 10
+    assert isinstance(load_config(["--eval_size", "10"], SORA_DEMO).eval_size, int)
+    assert load_config(["--eval_size", "0.25"], SORA_DEMO).eval_size == 0.25
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("r: 4\nlearning_rate: [1e-3\n")
+    with pytest.raises(ConfigError, match=rf"^--config '{path}' is not valid YAML at line 3, column 1: expected ',' or '\]', but got '<stream end>'$"):
+        load_config(["--config", str(path)], SORA_DEMO)
 
 
 def test_yaml_config_and_overrides(tmp_path):
