@@ -52,23 +52,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> list[str]:
     """
     if any(isinstance(m, GatedLoRALinear) for m in model.modules()):
         raise TargetError("model already has adapter layers; inject() once per model")
-    chosen = [(n, m) for n, m in model.named_modules() if n and matches_target(n, config.target_modules)]
-    unsupported = [n for n, m in chosen if not is_adaptable(m)]
-    chosen = [(n, m) for n, m in chosen if is_adaptable(m)]
-    if not chosen:
-        extra = f"; it matched only non-linear modules {unsupported[:5]}" if unsupported else ""
-        raise TargetError(
-            f"target_modules={config.target_modules!r} matches no linear module of {type(model).__name__}{extra}; "
-            f"{_describe_linears(model)}"
-        )
-    if isinstance(config.target_modules, list):
-        unmatched = [t for t in config.target_modules if not any(matches_target(n, [t]) for n, _ in chosen)]
-        if unmatched:
-            raise TargetError(
-                f"target_modules entries {unmatched} match no linear module of {type(model).__name__}; "
-                f"{_describe_linears(model)}"
-            )
-    to_save = _modules_to_save(model, config.modules_to_save)  # validated before the model is touched
+    chosen, to_save = select_targets(model, config)
     pin_4bit_layout(model)  # an eval must never repack the frozen 4-bit base in place (see quantized.py)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -89,6 +73,29 @@ def inject(model: nn.Module, config: AdapterConfig) -> list[str]:
             p.requires_grad_(True)
     model.adapter_config = config  # the export needs alpha, dropout and modules_to_save
     return [n for n, _ in chosen]
+
+
+def select_targets(model: nn.Module, config: AdapterConfig) -> tuple[list[tuple[str, nn.Module]], list[nn.Module]]:
+    """The linear layers ``config.target_modules`` selects and the ``modules_to_save``; :class:`TargetError` if a
+    target matches nothing. Reads only module names and types, so a weightless (meta-device) copy of the model
+    answers the same, before any weight is loaded."""
+    chosen = [(n, m) for n, m in model.named_modules() if n and matches_target(n, config.target_modules)]
+    unsupported = [n for n, m in chosen if not is_adaptable(m)]
+    chosen = [(n, m) for n, m in chosen if is_adaptable(m)]
+    if not chosen:
+        extra = f"; it matched only non-linear modules {unsupported[:5]}" if unsupported else ""
+        raise TargetError(
+            f"target_modules={config.target_modules!r} matches no linear module of {type(model).__name__}{extra}; "
+            f"{_describe_linears(model)}"
+        )
+    if isinstance(config.target_modules, list):
+        unmatched = [t for t in config.target_modules if not any(matches_target(n, [t]) for n, _ in chosen)]
+        if unmatched:
+            raise TargetError(
+                f"target_modules entries {unmatched} match no linear module of {type(model).__name__}; "
+                f"{_describe_linears(model)}"
+            )
+    return chosen, _modules_to_save(model, config.modules_to_save)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -287,7 +287,7 @@ def build_datasets(
         train_rows = pack_examples(train_rows, max_length)
     train = datasets.Dataset.from_list(train_rows)
     evaluation = datasets.Dataset.from_list([rows[i] for i in eval_idx]) if n_eval else None
-    return train, evaluation
+    return train, evaluation, {}  # SHIM
 
 
 def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

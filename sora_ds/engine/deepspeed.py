@@ -79,6 +79,12 @@ def is_partitioned(param: nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 
 
+def local_shard(param: nn.Parameter) -> torch.Tensor:
+    """The values of ``param`` this rank holds: its ZeRO-3 partition (zero-padded), else the whole tensor. For
+    element-wise reductions that need no gather (e.g. counting non-zero gates across ranks)."""
+    return param.ds_tensor if is_partitioned(param) else param.data
+
+
 Fragment = tuple[torch.Tensor, int, int, int]  # (stepped tensor, offset in it, offset in flattened p, count)
 
 

@@ -1,9 +1,14 @@
 """Training checkpoints: optimizer/scheduler/RNG state through accelerate (DeepSpeed's sharded engine state under
-ZeRO), only the trainable weights (never the frozen base), the loop's own state, and the PEFT adapter.
+ZeRO), only the trainable weights (never the frozen base), the loop's own state, the PEFT adapter and a manifest.
 
 Layout: ``output_dir/checkpoints/step-0000100/`` plus ``output_dir/checkpoints/latest`` (the newest folder's name).
-Every rank writes into a hidden ``.step-N.tmp`` folder; only after all ranks finished does rank 0 rename it and
-then repoint ``latest``, so a crash mid-save leaves the previous checkpoint and pointer intact.
+Every rank writes into a hidden ``.step-N.tmp`` folder; only after all ranks finished does rank 0 write the manifest
+(:mod:`sora_ds.recipe.manifest`), rename the folder and then repoint ``latest``, so a crash mid-save leaves the
+previous checkpoint and pointer intact, and a failed save removes its temporary folder.
+
+Lineage: a run has an id (kept across resumes) and its loop state lists the checkpoints of its own history. Rotation
+(``save_total_limit``) deletes only those, oldest first, never the one just written: checkpoints of other runs or of
+an abandoned branch in the same folder are never touched.
 """
 
 from __future__ import annotations
@@ -14,12 +19,19 @@ import shutil
 from pathlib import Path
 
 from ..adapters.export import export_peft
+from .manifest import CheckpointError, verify_manifest, write_manifest
+from .outputs import OutputError, describe_write_error
 
 STATE_FILE = "trainer_state.json"
+TMP_GLOB = ".step-*.tmp"
 
 
 def _is_deepspeed(accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
 
 
 def keep_trainable_only(accelerator, plain_model) -> None:
@@ -34,35 +46,73 @@ def keep_trainable_only(accelerator, plain_model) -> None:
 
 
 def save_checkpoint(
-    accelerator, plain_model, output_dir: str | Path, step: int, loop_state: dict, keep: int = 0
+    accelerator, plain_model, output_dir: str | Path, step: int, loop_state: dict, keep: int = 0,
+    lineage: list[str] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder. ``keep > 0``: afterwards only the newest
-    ``keep`` checkpoints remain (older ones are deleted only once the new one and its pointer are in place)."""
+    """Collective: every rank calls it. Returns the checkpoint folder. ``loop_state`` (with ``run_id``) is saved
+    with it; ``lineage`` (this run's checkpoint names, oldest first) gains the new name, in place, and is saved as
+    ``loop_state["checkpoints"]``. ``keep > 0``: afterwards at most ``keep`` checkpoints of the lineage remain (older
+    ones are deleted only once the new one and its pointer are in place)."""
     root = Path(output_dir) / "checkpoints"
-    name = f"step-{step:07d}"
+    name = checkpoint_name(step)
     tmp, final = root / f".{name}.tmp", root / name
+    lineage = [] if lineage is None else lineage
+    lineage[:] = [n for n in lineage if n != name] + [name]
+    loop_state = {**loop_state, "checkpoints": list(lineage)}
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    extra = {"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}
-    accelerator.save_state(str(tmp), **extra)
-    export_peft(plain_model, tmp / "adapter")
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(loop_state))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(name)
-        os.replace(pointer, root / "latest")
-        if keep > 0:
-            for old in sorted(root.glob("step-*"))[:-keep]:
-                shutil.rmtree(old)
+    try:
+        extra = {"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}
+        accelerator.save_state(str(tmp), **extra)
+        export_peft(plain_model, tmp / "adapter")
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(loop_state))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_manifest(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            pointer = root / ".latest.tmp"
+            pointer.write_text(name)
+            os.replace(pointer, root / "latest")
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _write_failure(e):
+            raise
+        raise OutputError(f"checkpoint at step {step}: {describe_write_error(e, tmp)}") from e
+    if accelerator.is_main_process and keep > 0:
+        rotate(root, lineage, keep, loop_state["run_id"])
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_failure(e: BaseException) -> bool:
+    """An OS write error, or torch.save's RuntimeError for one (a full disk shows as "unexpected pos" or "file
+    write failed"); not a collective's timeout, which is a RuntimeError too."""
+    text = str(e)
+    return isinstance(e, OSError) or any(s in text for s in ("inline_container", "write failed", "No space left"))
+
+
+def rotate(root: Path, lineage: list[str], keep: int, run_id: str) -> None:
+    """Delete the checkpoints of ``lineage`` but the newest ``keep``: only folders whose saved run id is ``run_id``."""
+    for name in lineage[:-keep]:
+        folder = root / name
+        if folder.is_dir() and read_state(folder, check=False).get("run_id") == run_id:
+            shutil.rmtree(folder)
+
+
+def checkpoint_run_ids(root: Path) -> dict[str, str | None]:
+    """Name -> run id of every checkpoint folder under ``root`` (None where the state is unreadable)."""
+    return {p.name: read_state(p, check=False).get("run_id") for p in sorted(root.glob("step-*")) if p.is_dir()}
+
+
+def remove_partial_saves(root: Path) -> None:
+    """Temporary folders of saves that were killed (the ``.step-N.tmp`` of this layout only)."""
+    for tmp in root.glob(TMP_GLOB):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
@@ -70,17 +120,28 @@ def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
     if resume_from == "latest":
         pointer = Path(output_dir) / "checkpoints" / "latest"
         if not pointer.is_file():
-            raise FileNotFoundError(f"resume_from='latest' but {pointer} does not exist (no checkpoint saved yet)")
+            raise CheckpointError(f"resume_from='latest' but {pointer} does not exist (no checkpoint saved yet)")
         path = pointer.parent / pointer.read_text().strip()
     else:
         path = Path(resume_from)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume_from={resume_from!r}: {path} is not a complete sora-ds checkpoint")
+        raise CheckpointError(f"resume_from={resume_from!r}: {path} is not a complete sora-ds checkpoint")
     return path
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
-    """Restore accelerate/DeepSpeed state from ``path`` and return the loop state saved with it."""
+def read_state(path: Path, check: bool = True) -> dict:
+    """The loop state saved in checkpoint ``path``; ``check``: verify the manifest first (before any resume)."""
+    if check:
+        verify_manifest(path)
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        if check:
+            raise
+        return {}
+
+
+def load_checkpoint(accelerator, path: Path) -> None:
+    """Restore accelerate/DeepSpeed state from ``path`` (whose manifest :func:`read_state` has verified)."""
     extra = {"load_module_strict": False} if _is_deepspeed(accelerator) else {"strict": False}
     accelerator.load_state(str(path), **extra)
-    return json.loads((path / STATE_FILE).read_text())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.inject import select_targets
 from ..engine import check_deepspeed_version, without_zero_init, zero_stage
 from ..engine.atomic import atomic_dir
 from .config import ConfigError, TrainConfig
@@ -21,7 +22,11 @@ def build_accelerator(cfg: TrainConfig):
     # Launched on several processes without a GPU, accelerate would pick no backend (and DeepSpeed would then see
     # one process): ask for gloo. A plain single process must not ask, or accelerate expects a process group.
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=10))] if multi and not torch.cuda.is_available() else []
+    gpu = torch.cuda.is_available()
+    handlers = []
+    if multi:  # the timeout is what turns a rank that stopped responding into an error instead of a silent hang
+        timeout = timedelta(seconds=dist_timeout(cfg, gpu))
+        handlers = [InitProcessGroupKwargs(timeout=timeout) if gpu else InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     plugin = GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False)
     ds_plugin = None
     if cfg.deepspeed_config and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true":
@@ -42,6 +47,12 @@ def build_accelerator(cfg: TrainConfig):
         if ds.deepspeed_config.get("gradient_clipping", "auto") == "auto":
             ds.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm  # the recipe YAML owns clipping
     return accelerator
+
+
+def dist_timeout(cfg: TrainConfig, gpu: bool) -> int:
+    """Seconds a collective waits for the other ranks: ``dist_timeout``, else 180 on CPU (any step of the CPU
+    recipes takes seconds) and 600 on GPU (PyTorch's NCCL default; first steps can include kernel compilation)."""
+    return cfg.dist_timeout or (600 if gpu else 180)
 
 
 def load_tokenizer(cfg: TrainConfig):
@@ -81,19 +92,11 @@ def build_base_model(cfg: TrainConfig, tokenizer, path: Path, accelerator):
     the seed only; every other process (and every ZeRO-3 process) loads the saved copy. Returns the built model on
     the main process, ``None`` elsewhere. Collective (a barrier).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     model = None
     if accelerator.is_main_process:
-        kwargs = dict(cfg.model_config)
-        config = AutoConfig.for_model(
-            kwargs.pop("model_type", "llama"),
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **kwargs,
-        )
+        config = model_config(cfg, tokenizer)
         # Saving inside too: with ZeRO-3 on, save_pretrained would gather (a collective) on this process alone.
         with without_zero_init(accelerator.state.deepspeed_plugin), atomic_dir(path) as tmp:
             torch.manual_seed(cfg.seed)
@@ -102,6 +105,33 @@ def build_base_model(cfg: TrainConfig, tokenizer, path: Path, accelerator):
             tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
     return model
+
+
+def model_config(cfg: TrainConfig, tokenizer):
+    """The base model's transformers config: read from ``model_name_or_path``, or built from ``model_config``."""
+    from transformers import AutoConfig
+
+    if cfg.model_name_or_path:
+        return AutoConfig.from_pretrained(cfg.model_name_or_path)
+    kwargs = dict(cfg.model_config)
+    return AutoConfig.for_model(
+        kwargs.pop("model_type", "llama"),
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **kwargs,
+    )
+
+
+def check_targets(cfg: TrainConfig, tokenizer, accelerator) -> None:
+    """``target_modules`` and ``modules_to_save`` checked against a weightless (meta-device) copy of the base:
+    seconds, before the base is built, loaded or saved (raises :class:`~sora_ds.TargetError`)."""
+    from transformers import AutoModelForCausalLM
+
+    with without_zero_init(accelerator.state.deepspeed_plugin), torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config(cfg, tokenizer))
+    select_targets(skeleton, cfg.adapter)
 
 
 def check_quantization(cfg: TrainConfig, accelerator) -> None:

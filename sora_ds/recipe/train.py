@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,17 +30,39 @@ from ..adapters.orthogonal import orth_loss
 from ..adapters.schedule import StageRecorder
 from ..data.batches import EpochSampler, micro_batches, supervised_tokens
 from ..data.chat import build_datasets, collate
-from ..engine import check_deepspeed_internals, sharding_report, zero_stage
-from .checkpoint import keep_trainable_only, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..data.fingerprint import dataset_fingerprint
+from ..engine import check_deepspeed_internals, local_shard, sharding_report, zero_stage
+from ..engine.heartbeat import Heartbeat, is_timeout
+from . import run_dir
+from .checkpoint import keep_trainable_only, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config, save_config
 from .evaluate import evaluate
-from .model import base_model, build_accelerator, check_quantization, load_tokenizer
+from .interrupt import StopRequest
+from .model import base_model, build_accelerator, check_quantization, check_targets, dist_timeout, load_tokenizer
+from .outputs import check_writable
+from .resume import check_resume, identity
 from .summary import adapter_params, plot_rank_heatmap, rank_table, retained_fraction
+
+
+class TrainingStopped(Exception):
+    """The run ended before ``max_steps`` on purpose; ``exit_code`` is what the recipe script exits with."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RankTimeout(RuntimeError):
+    """A collective waited ``dist_timeout`` seconds for a rank that stopped responding."""
 
 
 def main(argv: list[str] | None = None, default_config: str | Path | None = None) -> dict:
     """Entry point of the recipe scripts: ``--config``/overrides (or ``default_config``) -> train -> the summary."""
-    return train(load_config(argv, default_config))[1]
+    try:
+        return train(load_config(argv, default_config))[1]
+    except TrainingStopped as e:
+        print(f"sora-ds: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
 
 
 @dataclass
@@ -60,6 +84,12 @@ class Run:
     stages: StageRecorder
     started: float
     trainable: list  # the prepared model's trainable parameters (what is clipped)
+    identity: dict  # the settings a checkpoint records so that a resume can be checked (recipe/resume.py)
+    data_counts: dict  # records read, truncated, dropped, train and eval examples
+    stop: StopRequest = field(default_factory=StopRequest)
+    heartbeat: Heartbeat | None = None
+    stop_requested: bool = False  # on any rank, after the last step (shared in the step's reduction)
+    all_pruned: bool = False  # SoRA: no gate is non-zero on any rank after the last step
     started_training: float = 0.0  # set when the first step is about to run
     window: list = field(default_factory=lambda: [0.0, 0])  # loss sum and steps since the last log line
     bar: Any = None
@@ -76,20 +106,62 @@ def train(cfg: TrainConfig, on_step=None):
     ``optimizer`` as accelerate prepared them); tests use it to look into the ZeRO state mid-run.
     """
     run = start(cfg)
-    for step in range(run.progress["step"], cfg.max_steps):
-        optimizer_step(run, step)
-        done = step + 1
-        if on_step is not None:
-            on_step(done, run.model, run.optimizer)
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            log(run, done)
-        lambdas = cfg.sparsity
-        if lambdas is not None and (lambdas.is_stage_end(step) or (lambdas.sparsify_stages and done == cfg.max_steps)):
-            record_stage(run, step)
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
-            run.progress["stages"] = run.stages.as_dicts()
-            save_checkpoint(run.accelerator, run.plain, run.out, done, run.progress, keep=cfg.save_total_limit)
+    try:
+        with run.stop:
+            for step in range(run.progress["step"], cfg.max_steps):
+                run.heartbeat.beat(step)
+                optimizer_step(run, step)
+                done = step + 1
+                if on_step is not None:
+                    on_step(done, run.model, run.optimizer)
+                halt = run.stop_requested or run.all_pruned
+                if done % cfg.log_every == 0 or done == cfg.max_steps or halt:
+                    log(run, done)
+                lambdas = cfg.sparsity
+                if lambdas is not None and (lambdas.is_stage_end(step) or (lambdas.sparsify_stages and done == cfg.max_steps)):
+                    record_stage(run, step)
+                if halt:
+                    return run.plain, stop_early(run, done)
+                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+                    checkpoint(run, done)
+    except RuntimeError as e:
+        if is_timeout(e):
+            raise timeout_error(run, e) from e
+        raise
     return run.plain, finish(run)
+
+
+def checkpoint(run: Run, done: int) -> Path:
+    run.progress["stages"] = run.stages.as_dicts()
+    return save_checkpoint(run.accelerator, run.plain, run.out, done, {**run.progress, **run.identity},
+                           keep=run.cfg.save_total_limit, lineage=run.progress["checkpoints"])
+
+
+def stop_early(run: Run, done: int):
+    """After a Ctrl-C/SIGTERM (checkpoint, exit code 130) or once every SoRA rank is pruned (summary, exit code 1)."""
+    if run.all_pruned:
+        finish(run, stopped=f"every adapter rank was pruned at step {done}")
+        raise TrainingStopped(
+            f"every adapter rank was pruned at step {done} of {run.cfg.max_steps}: there is no adapter to export "
+            f"(summary.json is in {run.out}). Lower sparse_lambda or learning_rate (or use threshold_mode: absolute "
+            "with a smaller sparse_lambda)", exit_code=1)
+    saved = f"checkpoint {checkpoint(run, done)}; continue with --resume_from latest" if run.cfg.save_every else \
+        "no checkpoint saved (save_every is 0)"
+    run.bar.close()
+    run.accelerator.end_training()
+    raise TrainingStopped(f"{run.stop.signal_name or 'a signal on another rank'}: stopped after step {done}; {saved}",
+                          exit_code=130)
+
+
+def timeout_error(run: Run, error: RuntimeError) -> RankTimeout:
+    step = run.progress["step"]
+    late = run.heartbeat.behind(step)
+    who = (", ".join(f"rank {r} (last started step {s + 1 if s is not None else 'none'})" for r, s in late.items())
+           if late else "another rank")
+    return RankTimeout(
+        f"rank {run.accelerator.process_index}: at step {step + 1} a collective waited dist_timeout="
+        f"{dist_timeout(run.cfg, run.accelerator.device.type == 'cuda')} s and {who} did not respond (hung, stopped "
+        f"or dead; check its log). The last checkpoint is intact; resume with --resume_from latest")
 
 
 def start(cfg: TrainConfig) -> Run:
@@ -97,14 +169,26 @@ def start(cfg: TrainConfig) -> Run:
     started = time.perf_counter()
     accelerator = build_accelerator(cfg)
     out = Path(cfg.output_dir)
-    resume = resolve_checkpoint(cfg.resume_from, out) if cfg.resume_from else None
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    # Cheap checks and the data first: a bad combination or a malformed dataset fails before any model is loaded.
+    # Every check before the first byte of output: the checkpoint to resume and its settings, the output folder,
+    # the data and the targets. A bad combination or malformed data fails before any model is loaded.
+    ident = identity(cfg, dataset_fingerprint(cfg.dataset, cfg.dataset_split), accelerator.num_processes,
+                     zero_stage(accelerator))
+    resume, saved = None, {}
+    if cfg.resume_from:
+        resume = resolve_checkpoint(cfg.resume_from, out)
+        saved = read_state(resume)  # verifies the manifest: nothing of a modified checkpoint is unpickled
+        check_resume(saved, ident, cfg.resume_allow_changes, f"checkpoint {resume}")
+    remove = run_dir.conflicting_files(out, resume, saved.get("checkpoints", []), cfg.overwrite_output_dir)
+    check_writable(out)
     check_quantization(cfg, accelerator)
     tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed, cfg.packing)
+    train_ds, eval_ds, data_counts = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed,
+                                                    cfg.packing)
+    check_targets(cfg, tokenizer, accelerator)
+    if accelerator.is_main_process:
+        run_dir.prepare(out, remove, resume)
+        save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
     plain = base_model(cfg, tokenizer, out, accelerator)
     inject(plain, cfg.adapter)
     optimizer, lr_scheduler = build_optimizer_and_schedule(cfg, plain)
@@ -115,14 +199,16 @@ def start(cfg: TrainConfig) -> Run:
     check_deepspeed_internals(trainable, zero_stage(accelerator))
     eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
     mem_dl = accelerator.prepare(mem_dl)
-    progress = {"step": 0, "micro_batches": 0, "stages": []}
+    progress = {"step": 0, "micro_batches": 0, "stages": [], "run_id": uuid.uuid4().hex, "checkpoints": []}
     if resume is not None:
-        progress = load_checkpoint(accelerator, resume)
+        load_checkpoint(accelerator, resume)
+        progress = {k: saved[k] for k in progress}
         accelerator.print(f"resumed from {resume} at step {progress['step']}")
     run = Run(cfg=cfg, accelerator=accelerator, out=out, plain=plain, model=model, optimizer=optimizer,
               lr_scheduler=lr_scheduler, batches=micro_batches(train_dl, progress["micro_batches"]), eval_dl=eval_dl,
               mem_dl=mem_dl, shapes={n: (m.in_features, m.out_features) for n, m in adapter_layers(plain)},
-              progress=progress, stages=StageRecorder.from_dicts(progress["stages"]), started=started, trainable=trainable)
+              progress=progress, stages=StageRecorder.from_dicts(progress["stages"]), started=started, trainable=trainable,
+              identity=ident, data_counts=data_counts, heartbeat=Heartbeat())
     open_logs(run, resumed=resume is not None)
     model.train()
     run.started_training = time.perf_counter()
@@ -193,10 +279,25 @@ def optimizer_step(run: Run, step: int) -> None:
             run.lr_scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
         step_loss += loss.detach().float()
-    run.window[0] += accelerator.reduce(step_loss, reduction="sum").item()
+    # One reduction for three things: the loss, whether any rank was asked to stop, and (SoRA) how many gates are
+    # still non-zero on any rank's shard, so that every rank takes the same decision after the same step.
+    shared = torch.stack([step_loss, torch.tensor(float(run.stop.requested), device=accelerator.device),
+                          _live_gates(run).to(accelerator.device)])
+    loss_sum, stops, live = accelerator.reduce(shared, reduction="sum").tolist()
+    run.stop_requested, run.all_pruned = stops > 0, cfg.sparsity is not None and live == 0
+    run.window[0] += loss_sum
     run.window[1] += 1
     run.progress["step"], run.progress["micro_batches"] = step + 1, run.progress["micro_batches"] + len(micro)
     run.bar.update(1)
+
+
+def _live_gates(run: Run) -> torch.Tensor:
+    """Non-zero SoRA gate entries on this rank (its ZeRO-3 shards: no gather); -1 for AdaLoRA, which cannot prune
+    every rank (its budget keeps target_r per matrix on average)."""
+    if run.cfg.sparsity is None:
+        return torch.tensor(-1.0)
+    gates = [m.gate for _, m in adapter_layers(run.plain) if m.gate is not None]
+    return sum(((local_shard(g) != 0).sum().cpu() for g in gates), torch.zeros(())).float()
 
 
 def log(run: Run, done: int) -> None:
@@ -233,14 +334,16 @@ def record_stage(run: Run, step: int) -> None:
     )
 
 
-def finish(run: Run) -> dict:
-    """Final eval, the PEFT export, ``summary.json``, the rank heatmap and table; ``merged/`` if asked."""
+def finish(run: Run, stopped: str | None = None) -> dict:
+    """Final eval, the PEFT export, ``summary.json``, the rank heatmap and table; ``merged/`` if asked.
+    ``stopped``: why the run ended early with nothing to export (the summary is still written)."""
     cfg, accelerator, out, plain = run.cfg, run.accelerator, run.out, run.plain
     run.bar.close()
     train_time = time.perf_counter() - run.started_training
     final = evaluate(run.model, run.eval_dl, accelerator) if run.eval_dl is not None else {"loss": math.nan, "token_accuracy": math.nan}
     report = rank_report(plain)
-    export_peft(plain, out / "adapter", base_model_name_or_path=cfg.model_name_or_path or str((out / "base_model").resolve()))
+    if stopped is None:
+        export_peft(plain, out / "adapter", base_model_name_or_path=cfg.model_name_or_path or str((out / "base_model").resolve()))
     summary = {
         "method": cfg.method,
         "initial_ranks": {n: r["initial"] for n, r in report.items()},
@@ -250,7 +353,9 @@ def finish(run: Run) -> dict:
         "retained_adapter_param_fraction": retained_fraction(report, run.shapes),
         "final_eval_loss": final["loss"],
         "final_eval_token_accuracy": final["token_accuracy"],
-        "steps": cfg.max_steps,
+        "steps": run.progress["step"],
+        "stopped_early": stopped,
+        "data": run.data_counts,
         "num_processes": accelerator.num_processes,
         "zero_stage": zero_stage(accelerator),
         **sharding_report(plain, adapter_tensors([m for _, m in adapter_layers(plain)])),
@@ -266,7 +371,7 @@ def finish(run: Run) -> dict:
             f"retained adapter params: {summary['retained_adapter_param_fraction']:.1%}  "
             f"final eval loss: {final['loss']:.4f}  wall time: {summary['wall_time_s']:.1f}s  -> {out}"
         )
-    if cfg.save_merged:
+    if cfg.save_merged and stopped is None:
         if accelerator.state.deepspeed_plugin is not None:
             accelerator.print("save_merged is skipped under DeepSpeed; merge the exported adapter afterwards")
         elif accelerator.is_main_process:

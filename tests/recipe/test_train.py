@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import torch
 
 from sora_ds.data.chat import DataError
 from sora_ds.recipe.config import load_config
+from sora_ds.recipe.outputs import OutputError
 from sora_ds.recipe.train import train
 from tests.support import (
     REPO,
@@ -92,14 +94,15 @@ def test_crash_mid_checkpoint_keeps_last_good_one(tmp_path, monkeypatch):
     def failing_export(model, out_dir, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:  # the second checkpoint dies half-written (after the optimizer state was saved)
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, "No space left on device")
         return real_export(model, out_dir, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "export_peft", failing_export)
     args = ["--max_steps", "6", "--save_every", "2", "--log_every", "1", "--output_dir", str(tmp_path)]
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=r"^checkpoint at step 4: could not write .*step-0000004.tmp: disk full"):
         train(load_config(args, SORA_DEMO))
     root = tmp_path / "checkpoints"
+    assert not list(root.glob(".*.tmp"))  # the failed save cleaned up after itself
     assert (root / "latest").read_text() == "step-0000002"
     assert not (root / "step-0000004").exists()
     assert json.loads((root / "step-0000002" / "trainer_state.json").read_text())["step"] == 2
