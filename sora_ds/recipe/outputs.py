@@ -40,7 +40,7 @@ def check_destination(out: Path, inputs: Iterable[Path], overwrite: bool, flag: 
     """
     out = Path(out)
     inputs = [Path(p) for p in inputs]
-    aside = aside_path(out)
+    aside = aside_path(out.resolve())  # what atomic_dir deletes; resolved, since "." or "x/.." name no folder
     for dest in (out, aside):
         _check_not_an_input(dest, inputs, flag)
     if out.is_symlink():
@@ -53,7 +53,7 @@ def check_destination(out: Path, inputs: Iterable[Path], overwrite: bool, flag: 
         raise OutputError(f"{out} is a folder that is not empty; choose a new or empty folder, or pass {flag} to "
                           f"replace its whole content")
     if aside.exists() or aside.is_symlink():
-        raise OutputError(f"{aside} exists: the previous {out.name} left by an interrupted write (maybe the only "
+        raise OutputError(f"{aside} exists: the previous {out} left by an interrupted write (maybe the only "
                           f"copy); move it away, or pass {flag} to delete it")
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -138,6 +139,16 @@ def test_check_destination_resolves_symlinked_parents(tmp_path):
     with pytest.raises(OutputError, match="is the input"):
         check_destination(tmp_path / "alias" / "run", [tmp_path / "run"], overwrite=True)
     check_destination(tmp_path / "alias" / "new", [tmp_path / "run"], overwrite=False)
+
+
+def test_check_destination_of_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    check_destination(Path("."), [tmp_path.parent / "elsewhere"], overwrite=False)  # empty: free
+    (tmp_path / "x").write_text("x")
+    with pytest.raises(OutputError, match="not empty"):
+        check_destination(Path("."), [tmp_path.parent / "elsewhere"], overwrite=False)
+    with pytest.raises(OutputError, match="contains the input"):
+        check_destination(Path("."), [tmp_path / "x"], overwrite=True)
 
 
 def test_safetensors_disk_full_is_one_line(tmp_path):
