@@ -7,28 +7,46 @@
 
 Checkpoints store the pruned adapter already gathered from every rank (see :mod:`sora_ds.recipe.checkpoint`), so export
 needs no GPU, no DeepSpeed and not the base model.
+
+OUT must be a new path or an empty folder; an existing non-empty folder is replaced only with --overwrite. OUT may never
+be, contain or lie inside an input (the run or checkpoint, the adapter, the base model), even with --overwrite, and
+never be a file or a symlink. All of this is checked before anything is written; the new folder appears in one rename
+once complete, so a failure or Ctrl-C leaves OUT as it was. Errors print one line and exit with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from ..engine.atomic import atomic_dir
 from .checkpoint import STATE_FILE
+from .outputs import (
+    OutputError,
+    check_destination,
+    check_writable,
+    describe_write_error,
+)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class CLIError(Exception):
-    pass
+    """A wrong argument; like :class:`OutputError`, printed as one line and exit code 2."""
 
 
 def find_adapter(source: Path) -> Path:
     """The adapter folder of a checkpoint, of a run's output dir (final adapter, else latest checkpoint), or itself."""
+    if not source.exists():
+        raise CLIError(f"{source}: no such file or folder")
     candidates = [source, source / "adapter"]
     if (source / STATE_FILE).is_file():
         candidates = [source / "adapter"]
@@ -44,28 +62,73 @@ def find_adapter(source: Path) -> Path:
     )
 
 
-def export(source: Path, out: Path) -> Path:
+def export(source: Path, out: Path, overwrite: bool = False) -> Path:
     adapter = find_adapter(source)
-    with atomic_dir(out) as tmp:
+    _check_out(out, [source, adapter], overwrite)
+    with _writing(out) as tmp:
         for f in adapter.iterdir():
             shutil.copy2(f, tmp / f.name)
     return adapter
 
 
-def merge(base: Path, adapter_source: Path, out: Path, dtype: str) -> None:
+def merge(base: Path, adapter_source: Path, out: Path, dtype: str, overwrite: bool = False) -> None:
+    adapter = find_adapter(adapter_source)
+    if base.exists() and not (base / "config.json").is_file():
+        raise CLIError(f"--base {base}: no config.json; give a model folder (or a Hugging Face Hub model id)")
+    # base may be a Hub id (nothing local to protect); the base the adapter's config names is protected too, since
+    # overwriting it would break the adapter even when --base points elsewhere
+    inputs = [adapter_source, adapter] + [p for p in (base, _named_base(adapter)) if p.name and p.exists()]
+    _check_out(out, inputs, overwrite)
+
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapter = find_adapter(adapter_source)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    except OSError as e:  # not a local model folder, nor a Hub id that can be downloaded or is in the cache
+        raise CLIError(f"--base {base}: cannot load the model: {str(e).splitlines()[0]}") from e
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    with atomic_dir(out) as tmp:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError):
+        tokenizer = None  # a base folder without a tokenizer: the merged weights are still complete
+    with _writing(out) as tmp:
         merged.save_pretrained(tmp)
-        try:
-            AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
-        except (OSError, ValueError):
-            pass  # a base folder without a tokenizer: the merged weights are still complete
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+
+def _named_base(adapter: Path) -> Path:
+    config = adapter / "adapter_config.json"
+    try:
+        return Path(json.loads(config.read_text()).get("base_model_name_or_path") or "")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CLIError(f"{config}: not a PEFT adapter config ({e})") from e
+
+
+def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Everything about OUT that can be known before writing: the destination rule and a writable parent."""
+    check_destination(out, inputs, overwrite)
+    check_writable(out.resolve().parent)
+
+
+@contextlib.contextmanager
+def _writing(out: Path):
+    """atomic_dir(out), with an OS error during the write (disk full, permissions) as one OutputError line.
+
+    OUT is resolved first: atomic_dir works beside the path's last component, which "." or "x/.." do not name.
+    """
+    try:
+        with atomic_dir(out.resolve()) as tmp:
+            yield tmp
+    except OSError as e:
+        raise OutputError(describe_write_error(e, out)) from e
+    except SafetensorError as e:  # safetensors reports an OS error as text: "... No space left on device (os error 28)"
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OutputError(describe_write_error(OSError(int(code[1]), os.strerror(int(code[1]))), out)) from e
 
 
 def report(run_dir: Path) -> str:
@@ -92,25 +155,42 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("export", help="copy the pruned PEFT adapter out of a checkpoint or run folder")
-    p.add_argument("source", type=Path)
-    p.add_argument("out", type=Path)
+    p.add_argument("source", type=Path, metavar="SOURCE",
+                   help="a checkpoint folder (checkpoints/step-N), a run's output_dir (its adapter/, else its latest "
+                        "checkpoint) or an adapter folder; only read")
+    p.add_argument("out", type=Path, metavar="OUT",
+                   help="the folder to create with adapter_config.json and adapter_model.safetensors: a new path or an "
+                        "empty folder, never inside, around or equal to SOURCE")
+    p.add_argument("--overwrite", action="store_true",
+                   help="if OUT is a non-empty folder, delete its whole content and put the adapter in its place "
+                        "(once the adapter is complete); never allowed when OUT is, contains or is inside SOURCE")
     p = sub.add_parser("merge", help="merge an adapter into full weights of its base model")
-    p.add_argument("--base", type=Path, required=True)
-    p.add_argument("--adapter", type=Path, required=True)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("out", type=Path)
+    p.add_argument("--base", type=Path, required=True,
+                   help="the base model the adapter was trained on: a model folder (e.g. a run's base_model/) or a "
+                        "Hugging Face Hub id; only read")
+    p.add_argument("--adapter", type=Path, required=True,
+                   help="an adapter folder, a checkpoint folder or a run's output_dir (as export's SOURCE); only read")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the dtype the base is loaded, merged and saved in (default: float32)")
+    p.add_argument("out", type=Path, metavar="OUT",
+                   help="the folder to create with the merged model and the base's tokenizer: a new path or an empty "
+                        "folder, never inside, around or equal to the base, the adapter or the base the adapter's "
+                        "config names")
+    p.add_argument("--overwrite", action="store_true",
+                   help="if OUT is a non-empty folder, delete its whole content and put the merged model in its place "
+                        "(once the model is saved); never allowed when OUT is, contains or is inside an input")
     p = sub.add_parser("report", help="kept-rank table and heatmap of a finished run")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="the output_dir of a finished sora-ds run (with summary.json)")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            print(f"exported {export(args.source, args.out)} -> {args.out}")
+            print(f"exported {export(args.source, args.out, args.overwrite)} -> {args.out}")
         elif args.command == "merge":
-            merge(args.base, args.adapter, args.out, args.dtype)
+            merge(args.base, args.adapter, args.out, args.dtype, args.overwrite)
             print(f"merged -> {args.out}")
         else:
             print(report(args.run_dir))
-    except CLIError as e:
+    except (CLIError, OutputError) as e:
         print(f"sora-ds {args.command}: {e}", file=sys.stderr)
         return 2
     return 0
