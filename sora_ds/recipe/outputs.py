@@ -27,6 +27,9 @@ _WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
                  errno.EPERM: "not writable", errno.EROFS: "not writable"}
 
 
+_NEARLY_FULL = 1 << 20  # bytes
+
+
 class OutputError(Exception):
     """A destination the command must not or cannot write; the message names the path and the way out."""
 
@@ -92,9 +95,13 @@ def check_writable(path: Path) -> None:
                           f"there); choose a writable location") from e
 
 
-def describe_write_error(exc: OSError, path: Path) -> str:
-    """One line for an error while writing ``path``: the path, the error in words and the free space left there."""
-    reason = _WRITE_ERRORS.get(exc.errno, exc.strerror or type(exc).__name__)
+def describe_write_error(exc: Exception, path: Path) -> str:
+    """One line for an error while writing ``path``: the path, the error in words and the free space left there.
+    ``exc`` may also be torch.save's RuntimeError, which carries no errno: a full disk is then told by the space."""
+    code = getattr(exc, "errno", None)
+    if code is None and shutil.disk_usage(_nearest_existing(Path(path))).free < _NEARLY_FULL:
+        code = errno.ENOSPC
+    reason = _WRITE_ERRORS.get(code, getattr(exc, "strerror", None) or type(exc).__name__)
     return f"writing {path} failed: {reason} ({exc}); {_free_space(path)} free on its filesystem"
 
 

@@ -43,7 +43,9 @@ def check_resume(saved: dict, current: dict, allow: list[str], where: str) -> No
         raise CheckpointError(f"{where} records no settings (written by sora-ds < 0.3); resume is refused")
     old, new = saved["config"], current["config"]
     derived = _follows_max_steps(old, new) if "max_steps" in allow else set()
-    for key in sorted(set(old) | set(new)):
+    # Keys that explain others first: another method changes every adapter key, max_steps moves a derived ramp.
+    first = ("method", "max_steps")
+    for key in sorted(set(old) | set(new), key=lambda k: (first.index(k) if k in first else len(first), k)):
         if key in FREE or key in derived or old.get(key) == new.get(key):
             continue
         if key in allow:

@@ -99,7 +99,7 @@ def test_crash_mid_checkpoint_keeps_last_good_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt, "export_peft", failing_export)
     args = ["--max_steps", "6", "--save_every", "2", "--log_every", "1", "--output_dir", str(tmp_path)]
-    with pytest.raises(OutputError, match=r"^checkpoint at step 4: could not write .*step-0000004.tmp: disk full"):
+    with pytest.raises(OutputError, match=r"^checkpoint at step 4: writing .*step-0000004.tmp failed: disk full"):
         train(load_config(args, SORA_DEMO))
     root = tmp_path / "checkpoints"
     assert not list(root.glob(".*.tmp"))  # the failed save cleaned up after itself
