@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 
 from .batches import IGNORE_INDEX
 from .packing import pack_examples
+from .records import DataError, Record, preview, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +33,12 @@ EXPECTED_COLUMNS = (
 _JSON_SUFFIXES = (".json", ".jsonl")
 
 
-class DataError(ValueError):
-    """A problem with the user's data or data settings, explained for humans."""
-
-
 # --------------------------------------------------------------------------
 # records -> messages
 
 
-def check_columns(columns: list[str], name: str) -> None:
-    """Raise DataError unless ``columns`` hold one of the accepted formats."""
+def check_columns(columns: Iterable[str], where: str) -> None:
+    """Raise DataError unless ``columns`` hold one of the accepted formats; ``where`` starts the message."""
     cols = set(columns)
     if "messages" in cols or {"prompt", "response"} <= cols or {"instruction", "output"} <= cols:
         return
@@ -49,7 +47,7 @@ def check_columns(columns: list[str], name: str) -> None:
         hint = f" (missing column {'response' if 'prompt' in cols else 'prompt'!r})"
     elif "instruction" in cols or "output" in cols:
         hint = f" (missing column {'output' if 'instruction' in cols else 'instruction'!r})"
-    raise DataError(f"dataset {name!r} has columns {sorted(cols)}{hint}; {EXPECTED_COLUMNS}")
+    raise DataError(f"{where}: has columns {sorted(cols)}{hint}; {EXPECTED_COLUMNS}")
 
 
 def _text(example: dict, field: str, optional: bool = False) -> str:
@@ -57,8 +55,21 @@ def _text(example: dict, field: str, optional: bool = False) -> str:
     if value is None and optional:
         return ""
     if not isinstance(value, str):
-        raise DataError(f"field {field!r} must be a string, got {value!r}")
+        raise DataError(f"{field!r} must be a string, got {preview(value)}")
     return value
+
+
+def _message(i: int, m: Any) -> dict:
+    """Validate ``messages[i]``; errors name the field as ``'messages'[i].role``."""
+    field = f"'messages'[{i}]"
+    if not isinstance(m, dict):
+        raise DataError(f"{field} must be a {{role, content}} object, got {preview(m)}")
+    role = m.get("role")
+    if role not in ROLES:
+        raise DataError(f"{field}.role is {preview(role)}; allowed roles: {', '.join(ROLES)}")
+    if not isinstance(m.get("content"), str):
+        raise DataError(f"{field}.content must be a string, got {preview(m.get('content'))}")
+    return {"role": role, "content": m["content"]}
 
 
 def to_messages(example: dict) -> list[dict]:
@@ -70,17 +81,8 @@ def to_messages(example: dict) -> list[dict]:
     if "messages" in example:
         raw = example["messages"]
         if not isinstance(raw, list) or not raw:
-            raise DataError(f"column 'messages' must be a non-empty list of {{role, content}}, got {raw!r}")
-        messages = []
-        for i, m in enumerate(raw):
-            if not isinstance(m, dict):
-                raise DataError(f"'messages'[{i}] must be a {{role, content}} object, got {m!r}")
-            role = m.get("role")
-            if role not in ROLES:
-                raise DataError(f"'messages'[{i}] has role {role!r}; allowed roles: {', '.join(ROLES)}")
-            if not isinstance(m.get("content"), str):
-                raise DataError(f"'messages'[{i}] field 'content' must be a string, got {m.get('content')!r}")
-            messages.append({"role": role, "content": m["content"]})
+            raise DataError(f"'messages' must be a non-empty list of {{role, content}} objects, got {preview(raw)}")
+        messages = [_message(i, m) for i, m in enumerate(raw)]
     elif "prompt" in example and "response" in example:
         messages = [
             {"role": "user", "content": _text(example, "prompt")},
@@ -117,37 +119,41 @@ def _local_files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_records(source: str | Path | None, split: str = "train") -> datasets.Dataset:
-    """Load raw records and check they have a usable set of columns.
+def _hub_records(source: str, split: str) -> list[Record]:
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:
+        raise DataError(
+            f"dataset {source!r} is neither a local .json/.jsonl file or directory "
+            f"nor a reachable Hugging Face Hub dataset (split {split!r}): {e}"
+        ) from e
+    # A Hub dataset has one schema: check it once, before reading every row.
+    check_columns(ds.column_names, f"dataset {source!r}")
+    return [Record(row, f"dataset {source!r}, record {i}") for i, row in enumerate(ds, 1)]
+
+
+def load_records(source: str | Path | None, split: str = "train") -> list[Record]:
+    """Load raw records, each with its location, and check each has a usable set of columns.
 
     ``None`` is the built-in tiny chat set; an existing ``.json``/``.jsonl``
-    file or a directory of them is read locally (``split`` is ignored);
-    anything else is taken as a Hugging Face Hub dataset name (needs network).
+    file or a directory of them is read locally (``split`` is ignored), records
+    located by file and 1-based line; anything else is taken as a Hugging Face
+    Hub dataset name (needs network), records located by 1-based index.
     """
     path = BUILTIN_DATASET if source is None else Path(source)
     name = path.name if source is None else str(source)
     if path.exists():
-        files = _local_files(path)
-        if all(not f.read_bytes().strip() for f in files):
-            raise DataError(f"dataset {name!r} is empty (no records)")
-        try:
-            ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
-        except Exception as e:  # pyarrow/json errors vary; the user needs the file name
-            raise DataError(f"dataset {name!r} could not be read as JSON/JSON lines: {e}") from e
+        records = [r for f in _local_files(path) for r in read_json_file(f)]
+        # Records need not share their keys (no common schema), so check each one.
+        for record in records:
+            check_columns(record.fields, record.where)
     elif path.suffix in _JSON_SUFFIXES:
         raise DataError(f"dataset file {name!r} does not exist")
     else:
-        try:
-            ds = datasets.load_dataset(str(source), split=split)
-        except Exception as e:
-            raise DataError(
-                f"dataset {name!r} is neither a local .json/.jsonl file or directory "
-                f"nor a reachable Hugging Face Hub dataset (split {split!r}): {e}"
-            ) from e
-    if len(ds) == 0:
-        raise DataError(f"dataset {name!r} is empty (0 records)")
-    check_columns(ds.column_names, name)
-    return ds
+        records = _hub_records(str(source), split)
+    if not records:
+        raise DataError(f"dataset {name!r} is empty (no records)")
+    return records
 
 
 # --------------------------------------------------------------------------
@@ -260,11 +266,11 @@ def build_datasets(
     records = load_records(source)
     # Validate every record before tokenizing any, so bad data fails fast.
     conversations = []
-    for i, example in enumerate(records):
+    for record in records:
         try:
-            conversations.append(to_messages(example))
+            conversations.append(to_messages(record.fields))
         except DataError as e:
-            raise DataError(f"dataset {name!r}, record {i}: {e}") from None
+            raise DataError(f"{record.where}: {e}") from None
     rows = [tokenize_chat(m, tokenizer, max_length) for m in conversations]
     rows = [r for r in rows if any(label != IGNORE_INDEX for label in r["labels"])]
     if not rows:

@@ -206,7 +206,9 @@ def test_load_json_array_file_and_directory(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"prompt": "c", "response": "d"}])
     (tmp_path / "notes.txt").write_text("ignored")
     assert len(load_records(tmp_path / "a.json")) == 1
-    assert sorted(load_records(tmp_path)["prompt"]) == ["a", "c"]
+    records = load_records(tmp_path)
+    assert sorted(r.fields["prompt"] for r in records) == ["a", "c"]
+    assert [r.where for r in records] == [f"{tmp_path / 'a.json'}, line 1", f"{tmp_path / 'b.jsonl'}, line 1"]
 
 
 # -------------------------------------------------------------------- errors
@@ -254,7 +256,7 @@ def test_bad_role_fails_before_tokenization(tmp_path):
     with pytest.raises(DataError) as err:
         build_datasets(path, NoTokenizer(), max_length=64, eval_size=0, seed=0)
     msg = str(err.value)
-    assert "roles.jsonl" in msg and "record 1" in msg and "role 'bot'" in msg and "assistant" in msg
+    assert "roles.jsonl, line 2:" in msg and "'messages'[0].role is 'bot'" in msg and "assistant" in msg
 
 
 def test_no_assistant_turn():
@@ -265,7 +267,7 @@ def test_no_assistant_turn():
 @pytest.mark.parametrize("example, field", [
     ({"prompt": "a", "response": None}, "'response'"),
     ({"instruction": 3, "output": "b"}, "'instruction'"),
-    ({"messages": [{"role": "user", "content": 5}]}, "'content'"),
+    ({"messages": [{"role": "user", "content": 5}]}, r"'messages'\[0\]\.content"),
     ({"messages": []}, "'messages'"),
 ])
 def test_bad_field_values(example, field):
@@ -335,9 +337,9 @@ def test_collate_right_pads(tok):
 def test_builtin_dataset_loads_and_fits(tok):
     records = load_records(None)
     assert 600 <= len(records) <= 1000
-    assert records.column_names == ["messages"]
-    for example in records:
-        messages = to_messages(example)
+    assert {tuple(r.fields) for r in records} == {("messages",)}
+    for record in records:
+        messages = to_messages(record.fields)
         assert len(tokenize_chat(messages, tok, 10**6)["input_ids"]) <= 128
     train, evaluation = build_datasets(None, tok, max_length=128, eval_size=0.1, seed=0)
     assert len(train) + len(evaluation) == len(records)  # nothing dropped at 128
