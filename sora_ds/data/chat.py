@@ -13,7 +13,7 @@ import logging
 import random
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import torch
@@ -31,6 +31,14 @@ EXPECTED_COLUMNS = (
     "or 'instruction'(+'input')+'output'"
 )
 _JSON_SUFFIXES = (".json", ".jsonl")
+
+
+class ChatData(NamedTuple):
+    """What :func:`build_datasets` returns: the splits and what happened to the records on the way."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    counts: dict[str, int]
 
 
 # --------------------------------------------------------------------------
@@ -190,14 +198,8 @@ def _assistant_char_spans(tokenizer, messages: list[dict], full: str) -> list[tu
     return spans
 
 
-def tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> dict[str, list[int]]:
-    """Tokenize a conversation with loss only on the assistant replies.
-
-    Returns ``input_ids``, ``attention_mask`` and ``labels`` (unshifted; the
-    model shifts), truncated to ``max_length``.  ``labels`` is -100 except on
-    tokens that start inside an assistant turn's content or its end-of-turn
-    marker, so the model learns both the answer and when to stop.
-    """
+def _tokenize_whole(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels of the whole rendered conversation (labels -100 outside assistant replies)."""
     full = _render(tokenizer, messages, add_generation_prompt=False)
     spans = _assistant_char_spans(tokenizer, messages, full)
     # Special tokens are already in the rendered text (e.g. bos), so do not add more.
@@ -207,8 +209,26 @@ def tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> dict[str,
         tok if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
         for tok, (start, _end) in zip(ids, enc["offset_mapping"])
     ]
+    return ids, labels
+
+
+def _tokenize_truncated(messages: list[dict], tokenizer, max_length: int) -> tuple[dict[str, list[int]], bool]:
+    """:func:`tokenize_chat`'s row, and whether the conversation had more than ``max_length`` tokens."""
+    ids, labels = _tokenize_whole(messages, tokenizer)
+    truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}, truncated
+
+
+def tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> dict[str, list[int]]:
+    """Tokenize a conversation with loss only on the assistant replies.
+
+    Returns ``input_ids``, ``attention_mask`` and ``labels`` (unshifted; the
+    model shifts), truncated to ``max_length``.  ``labels`` is -100 except on
+    tokens that start inside an assistant turn's content or its end-of-turn
+    marker, so the model learns both the answer and when to stop.
+    """
+    return _tokenize_truncated(messages, tokenizer, max_length)[0]
 
 
 # --------------------------------------------------------------------------
@@ -241,6 +261,35 @@ def _eval_count(eval_size: int | float, n: int) -> int:
     return count
 
 
+def _conversations(records: list[Record]) -> list[list[dict]]:
+    """Every record as messages; all are validated before any is tokenized, so bad data fails fast."""
+    conversations = []
+    for record in records:
+        try:
+            conversations.append(to_messages(record.fields))
+        except DataError as e:
+            raise DataError(f"{record.where}: {e}") from None
+    return conversations
+
+
+def _tokenize_records(
+    records: list[Record], conversations: list[list[dict]], tokenizer, max_length: int
+) -> tuple[list[dict], dict[str, int]]:
+    """The rows that keep a supervised token within ``max_length``, and the counts (see :func:`build_datasets`)."""
+    rows, truncated, dropped = [], 0, 0
+    for record, messages in zip(records, conversations):
+        try:
+            row, was_truncated = _tokenize_truncated(messages, tokenizer, max_length)
+        except DataError as e:
+            raise DataError(f"{record.where}: {e}") from None
+        truncated += was_truncated
+        if any(label != IGNORE_INDEX for label in row["labels"]):
+            rows.append(row)
+        else:
+            dropped += 1
+    return rows, {"records": len(records), "truncated": truncated, "dropped": dropped}
+
+
 def build_datasets(
     source: str | Path | None,
     tokenizer,
@@ -248,15 +297,21 @@ def build_datasets(
     eval_size: int | float = 0,
     seed: int = 0,
     packing: bool = False,
-) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+) -> ChatData:
     """Load, validate, tokenize and split a chat dataset.
 
     ``eval_size`` is a fraction in (0, 1) or an example count; 0 gives no eval
-    set.  Examples with no supervised token left after truncation to
-    ``max_length`` are dropped (with a warning).  The split depends only on
-    ``seed`` and the data.  ``packing`` packs the training split several
-    examples to a row (see :mod:`sora_ds.data.packing`); the eval split stays one
-    example per row.
+    set.  The split depends only on ``seed`` and the data.  ``packing`` packs
+    the training split several examples to a row (see
+    :mod:`sora_ds.data.packing`); the eval split stays one example per row.
+
+    Returns ``ChatData(train, eval, counts)``; ``eval`` is None without an eval
+    set.  ``counts`` has ``records`` (read), ``truncated`` (examples with more
+    than ``max_length`` tokens, cut to ``max_length``), ``dropped`` (examples
+    with no supervised token within ``max_length``, left out; usually also
+    counted as truncated), ``train_examples`` and ``eval_examples`` (examples
+    in each split, before packing).  Truncation and drops are logged as one
+    warning.
     """
     # Check settings before the (possibly slow) load.
     _check_int("max_length", max_length, 2)
@@ -264,36 +319,30 @@ def build_datasets(
 
     name = "builtin tiny_chat.jsonl" if source is None else str(source)
     records = load_records(source)
-    # Validate every record before tokenizing any, so bad data fails fast.
-    conversations = []
-    for record in records:
-        try:
-            conversations.append(to_messages(record.fields))
-        except DataError as e:
-            raise DataError(f"{record.where}: {e}") from None
-    rows = [tokenize_chat(m, tokenizer, max_length) for m in conversations]
-    rows = [r for r in rows if any(label != IGNORE_INDEX for label in r["labels"])]
+    rows, counts = _tokenize_records(records, _conversations(records), tokenizer, max_length)
     if not rows:
         raise DataError(
             f"dataset {name!r}: no example keeps an assistant token within max_length={max_length}; "
             "increase max_length"
         )
-    if len(rows) < len(records):
+    if counts["truncated"] or counts["dropped"]:
         logger.warning(
-            "dataset %r: dropped %d of %d examples with no assistant token within max_length=%d",
-            name, len(records) - len(rows), len(records), max_length,
+            "dataset %r, max_length=%d: %d of %d examples were longer and truncated; "
+            "%d with no assistant token left were dropped",
+            name, max_length, counts["truncated"], counts["records"], counts["dropped"],
         )
 
     n_eval = _eval_count(eval_size, len(rows))
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
+    counts.update(train_examples=len(train_idx), eval_examples=n_eval)
     train_rows = [rows[i] for i in train_idx]
     if packing:
         train_rows = pack_examples(train_rows, max_length)
     train = datasets.Dataset.from_list(train_rows)
     evaluation = datasets.Dataset.from_list([rows[i] for i in eval_idx]) if n_eval else None
-    return train, evaluation
+    return ChatData(train, evaluation, counts)
 
 
 def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

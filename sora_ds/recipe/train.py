@@ -104,7 +104,7 @@ def start(cfg: TrainConfig) -> Run:
     # Cheap checks and the data first: a bad combination or a malformed dataset fails before any model is loaded.
     check_quantization(cfg, accelerator)
     tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed, cfg.packing)
+    train_ds, eval_ds, _ = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed, cfg.packing)
     plain = base_model(cfg, tokenizer, out, accelerator)
     inject(plain, cfg.adapter)
     optimizer, lr_scheduler = build_optimizer_and_schedule(cfg, plain)
