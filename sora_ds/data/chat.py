@@ -31,6 +31,14 @@ EXPECTED_COLUMNS = (
     "or 'instruction'(+'input')+'output'"
 )
 _JSON_SUFFIXES = (".json", ".jsonl")
+# Characters of content rendered per token of max_length before tokenizing (see _tokenize_bounded).  Real
+# tokenizers average about 4 characters per token on prose and rarely above 10 even on whitespace-heavy code;
+# the byte tokenizer has at most 1.  16 leaves room so the retry is rare, while a 200 MB answer costs only
+# 16 * max_length characters of rendering and tokenizing.
+CHARS_PER_TOKEN = 16
+# Tokens past max_length that a cut conversation must still have: the tokens next to the cut (a word cut in two,
+# the template's end-of-turn marker) may differ from those of the whole conversation.
+_MARGIN_TOKENS = 16
 
 
 class ChatData(NamedTuple):
@@ -212,9 +220,41 @@ def _tokenize_whole(messages: list[dict], tokenizer) -> tuple[list[int], list[in
     return ids, labels
 
 
-def _tokenize_truncated(messages: list[dict], tokenizer, max_length: int) -> tuple[dict[str, list[int]], bool]:
-    """:func:`tokenize_chat`'s row, and whether the conversation had more than ``max_length`` tokens."""
-    ids, labels = _tokenize_whole(messages, tokenizer)
+def _cut(messages: list[dict], budget: int) -> tuple[list[dict], bool]:
+    """The leading messages whose contents fit in ``budget`` characters, the last one shortened to fit.
+
+    Each turn also costs ``CHARS_PER_TOKEN`` (its role header is at least one token), so a record with
+    countless tiny turns is bounded too.  Returns the kept messages and whether anything was left out.
+    """
+    kept = []
+    for m in messages:
+        if budget <= 0:
+            return kept, True
+        if len(m["content"]) > budget:
+            return [*kept, {**m, "content": m["content"][:budget]}], True
+        kept.append(m)
+        budget -= len(m["content"]) + CHARS_PER_TOKEN
+    return kept, False
+
+
+def _tokenize_bounded(messages: list[dict], tokenizer, max_length: int) -> tuple[dict[str, list[int]], bool]:
+    """:func:`tokenize_chat`'s row, and whether the conversation had more than ``max_length`` tokens.
+
+    The work (rendering, tokenizing, offsets) is proportional to ``max_length``, not to the record: only the
+    first ``max_length * CHARS_PER_TOKEN`` characters of content are rendered.  Cutting the text changes at most
+    the last few tokens before the cut (a word cut in two, the template's closing marker), so when the cut text
+    still gives ``_MARGIN_TOKENS`` more than ``max_length`` tokens the first ``max_length`` are exactly those of
+    the whole conversation.  Otherwise (tokens longer than ``CHARS_PER_TOKEN`` characters on average) the
+    budget doubles and the cut is tried again, ending at the whole conversation at worst.
+    """
+    budget = max_length * CHARS_PER_TOKEN
+    while True:
+        kept, cut = _cut(messages, budget)
+        ids, labels = _tokenize_whole(kept, tokenizer)
+        if not cut or len(ids) >= max_length + _MARGIN_TOKENS:
+            break
+        budget *= 2
+    # A cut conversation reached max_length + _MARGIN_TOKENS tokens, so the whole one is longer too.
     truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}, truncated
@@ -226,9 +266,11 @@ def tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> dict[str,
     Returns ``input_ids``, ``attention_mask`` and ``labels`` (unshifted; the
     model shifts), truncated to ``max_length``.  ``labels`` is -100 except on
     tokens that start inside an assistant turn's content or its end-of-turn
-    marker, so the model learns both the answer and when to stop.
+    marker, so the model learns both the answer and when to stop.  The work is
+    bounded by ``max_length``, however long the conversation (see
+    :func:`_tokenize_bounded`).
     """
-    return _tokenize_truncated(messages, tokenizer, max_length)[0]
+    return _tokenize_bounded(messages, tokenizer, max_length)[0]
 
 
 # --------------------------------------------------------------------------
@@ -279,7 +321,7 @@ def _tokenize_records(
     rows, truncated, dropped = [], 0, 0
     for record, messages in zip(records, conversations):
         try:
-            row, was_truncated = _tokenize_truncated(messages, tokenizer, max_length)
+            row, was_truncated = _tokenize_bounded(messages, tokenizer, max_length)
         except DataError as e:
             raise DataError(f"{record.where}: {e}") from None
         truncated += was_truncated
