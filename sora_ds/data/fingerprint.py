@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .chat import BUILTIN_DATASET
+from .chat import BUILTIN_DATASET, _local_files
 
 _CHUNK = 1 << 20
 
@@ -17,7 +17,7 @@ def dataset_fingerprint(source: str | Path | None, split: str = "train") -> str:
     path = BUILTIN_DATASET if source is None else Path(source)
     if not path.exists():
         return f"hub:{source}:{split}"
-    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl")) if path.is_dir() else [path]
+    files = _local_files(path)
     digest = hashlib.sha256()
     for f in files:
         if path.is_dir():  # which file holds what is part of a folder's data; a single file's name is not

@@ -169,12 +169,30 @@ def test_truncation(tok):
 def test_examples_truncated_to_no_supervision_are_dropped(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x" * 50, "response": "y"},
                                                {"prompt": "short", "response": "ok"}])
-    train, evaluation = build_datasets(path, tok, max_length=20, eval_size=0, seed=0)
+    train, evaluation, counts = build_datasets(path, tok, max_length=20, eval_size=0, seed=0)
     assert evaluation is None
     assert len(train) == 1
+    assert counts == {"records": 2, "truncated": 1, "dropped": 1, "train_examples": 1, "eval_examples": 0}
     assert tok.decode(train[0]["input_ids"]).startswith("<s><|user|>\nshort")
     with pytest.raises(DataError, match="max_length"):
         build_datasets(path, tok, max_length=4, eval_size=0, seed=0)
+
+
+def test_truncation_and_drops_are_counted_and_logged(tok, tmp_path, caplog):
+    rows = [{"prompt": "x" * 50, "response": "y"}, {"prompt": "q", "response": "z" * 50},
+            {"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with caplog.at_level("WARNING", logger="sora_ds.data.chat"):
+        train, evaluation, counts = build_datasets(path, tok, max_length=20, eval_size=1, seed=0)
+    assert counts == {"records": 4, "truncated": 2, "dropped": 1, "train_examples": 2, "eval_examples": 1}
+    assert (len(train), len(evaluation)) == (2, 1)
+    [warning] = caplog.messages
+    assert "max_length=20: 2 of 4 examples were longer and truncated; 1 with no assistant token left were dropped" in warning
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sora_ds.data.chat"):
+        counts = build_datasets(path, tok, max_length=128).counts
+    assert (counts["truncated"], counts["dropped"], caplog.messages) == (0, 0, [])
 
 
 # ------------------------------------------------------------------- formats
@@ -196,7 +214,7 @@ def test_to_messages_formats():
 ])
 def test_build_datasets_from_each_format(tok, tmp_path, rows):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    train, _ = build_datasets(str(path), tok, max_length=64, eval_size=0, seed=0)
+    train = build_datasets(str(path), tok, max_length=64, eval_size=0, seed=0).train
     expected = [tokenize_chat(chat("a", "b"), tok, 64), tokenize_chat(chat("c", "d"), tok, 64)]
     assert [dict(r) for r in train] == expected
 
@@ -206,7 +224,9 @@ def test_load_json_array_file_and_directory(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"prompt": "c", "response": "d"}])
     (tmp_path / "notes.txt").write_text("ignored")
     assert len(load_records(tmp_path / "a.json")) == 1
-    assert sorted(load_records(tmp_path)["prompt"]) == ["a", "c"]
+    records = load_records(tmp_path)
+    assert sorted(r.fields["prompt"] for r in records) == ["a", "c"]
+    assert [r.where for r in records] == [f"{tmp_path / 'a.json'}, line 1", f"{tmp_path / 'b.jsonl'}, line 1"]
 
 
 # -------------------------------------------------------------------- errors
@@ -254,7 +274,7 @@ def test_bad_role_fails_before_tokenization(tmp_path):
     with pytest.raises(DataError) as err:
         build_datasets(path, NoTokenizer(), max_length=64, eval_size=0, seed=0)
     msg = str(err.value)
-    assert "roles.jsonl" in msg and "record 1" in msg and "role 'bot'" in msg and "assistant" in msg
+    assert "roles.jsonl, line 2:" in msg and "'messages'[0].role is 'bot'" in msg and "assistant" in msg
 
 
 def test_no_assistant_turn():
@@ -265,7 +285,7 @@ def test_no_assistant_turn():
 @pytest.mark.parametrize("example, field", [
     ({"prompt": "a", "response": None}, "'response'"),
     ({"instruction": 3, "output": "b"}, "'instruction'"),
-    ({"messages": [{"role": "user", "content": 5}]}, "'content'"),
+    ({"messages": [{"role": "user", "content": 5}]}, r"'messages'\[0\]\.content"),
     ({"messages": []}, "'messages'"),
 ])
 def test_bad_field_values(example, field):
@@ -299,7 +319,7 @@ def test_split_is_deterministic_and_disjoint(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
 
     def split(eval_size, seed):
-        train, evaluation = build_datasets(path, tok, 64, eval_size, seed)
+        train, evaluation, _ = build_datasets(path, tok, 64, eval_size, seed)
         return [tok.decode(r["input_ids"]) for r in train], [tok.decode(r["input_ids"]) for r in evaluation]
 
     train, evaluation = split(0.25, seed=1)
@@ -335,12 +355,13 @@ def test_collate_right_pads(tok):
 def test_builtin_dataset_loads_and_fits(tok):
     records = load_records(None)
     assert 600 <= len(records) <= 1000
-    assert records.column_names == ["messages"]
-    for example in records:
-        messages = to_messages(example)
+    assert {tuple(r.fields) for r in records} == {("messages",)}
+    for record in records:
+        messages = to_messages(record.fields)
         assert len(tokenize_chat(messages, tok, 10**6)["input_ids"]) <= 128
-    train, evaluation = build_datasets(None, tok, max_length=128, eval_size=0.1, seed=0)
+    train, evaluation, counts = build_datasets(None, tok, max_length=128, eval_size=0.1, seed=0)
     assert len(train) + len(evaluation) == len(records)  # nothing dropped at 128
+    assert (counts["truncated"], counts["dropped"]) == (0, 0)
 
 
 def test_generator_reproduces_shipped_file(tmp_path):

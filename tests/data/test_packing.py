@@ -38,7 +38,7 @@ def test_packed_examples_get_the_logits_they_get_alone():
     """position_ids restarting per example, no attention mask and no KV cache (as the recipe runs): block-diagonal
     attention and each example's own rotary positions. With a cache transformers skips the packed-sequence mask."""
     tok = build_byte_tokenizer()
-    train_ds, _ = build_datasets(None, tok, 64, 0, 0)
+    train_ds = build_datasets(None, tok, 64, 0, 0).train
     singles = [train_ds[i] for i in range(3)]
     packed = pack_examples([{"input_ids": s["input_ids"], "labels": s["labels"]} for s in singles], 200)
     assert len(packed) == 1

@@ -30,7 +30,7 @@ def fresh_accelerate_state():
 
 def test_trainer_trains_sora_with_schedule(tmp_path):
     tok = build_byte_tokenizer()
-    train_ds, _ = build_datasets(None, tok, 128, 0, 0)
+    train_ds = build_datasets(None, tok, 128, 0, 0).train
     cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **cfg))
@@ -60,7 +60,7 @@ def test_trainer_trains_sora_with_schedule(tmp_path):
 
 def tiny_model_and_data():
     tok = build_byte_tokenizer()
-    train_ds, _ = build_datasets(None, tok, 128, 0, 0)
+    train_ds = build_datasets(None, tok, 128, 0, 0).train
     cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **cfg))

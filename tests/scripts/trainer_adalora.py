@@ -38,7 +38,7 @@ def main(out: str, batch: int, deepspeed: str | None) -> None:
                              logging_steps=1, report_to=[], use_cpu=deepspeed is None, save_strategy="no",
                              lr_scheduler_type="constant", seed=0, dataloader_drop_last=True, deepspeed=deepspeed, **extra)
     tok = build_byte_tokenizer()
-    train_ds, _ = build_datasets(None, tok, 128, 0, 0)
+    train_ds = build_datasets(None, tok, 128, 0, 0).train
     torch.manual_seed(0)
     config = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **config))
