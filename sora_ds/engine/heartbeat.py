@@ -1,15 +1,20 @@
-"""Which rank stopped responding: every rank records the step it reached in the process group's key-value store
-(a few bytes per step, served by the launcher, so it still answers when a rank hangs), and a rank whose collective
-timed out reads who fell behind.
+"""Which rank stopped responding. Every rank records, in the process group's key-value store (served by the
+launcher, so it still answers when a rank hangs), the step it started and, from a background thread, the time every
+``INTERVAL_S``; a rank whose collective timed out reads which ranks went silent (a stopped, dead or frozen process
+stops refreshing its time; a rank merely waiting in the same collective keeps refreshing it).
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import time
 
 import torch.distributed as dist
 
-_KEY = "sora_ds/heartbeat/{}"
+INTERVAL_S = 1.0
+SILENT_AFTER_S = 5.0
+_STEP, _TIME = "sora_ds/step/{}", "sora_ds/alive/{}"
 
 
 def _store():
@@ -22,28 +27,57 @@ def _store():
 
 
 class Heartbeat:
+    """Start with :meth:`start`, stop with :meth:`stop`; a no-op on one process."""
+
     def __init__(self) -> None:
         self.store = _store()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Heartbeat:
+        if self.store is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._refresh, name="sora-ds-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _refresh(self) -> None:
+        key = _TIME.format(dist.get_rank())
+        while not self._done.is_set():
+            try:
+                self.store.set(key, repr(time.time()))
+            except RuntimeError:  # the launcher's store is gone: the job is ending
+                return
+            self._done.wait(INTERVAL_S)
 
     def beat(self, step: int) -> None:
         """This rank has started optimizer step ``step`` (0-based)."""
         if self.store is not None:
-            self.store.set(_KEY.format(dist.get_rank()), str(step))
+            self.store.set(_STEP.format(dist.get_rank()), str(step))
 
-    def behind(self, step: int) -> dict[int, int | None]:
-        """Rank -> last step it started, for every rank that has not started ``step`` (None: never beat)."""
+    def silent(self) -> dict[int, dict]:
+        """Rank -> ``{"silent_s", "step"}`` for every other rank that has not refreshed its time for
+        ``SILENT_AFTER_S`` (``step``: the last step it started, 0-based, or None)."""
         if self.store is None:
             return {}
-        late = {}
+        now, found = time.time(), {}
         try:
             for rank in range(dist.get_world_size()):
-                key = _KEY.format(rank)
-                last = int(self.store.get(key)) if self.store.check([key]) else None
-                if last is None or last < step:
-                    late[rank] = last
+                if rank == dist.get_rank():
+                    continue
+                seen = self._get(_TIME.format(rank))
+                if seen is None or now - float(seen) > SILENT_AFTER_S:
+                    step = self._get(_STEP.format(rank))
+                    found[rank] = {"silent_s": None if seen is None else now - float(seen),
+                                   "step": None if step is None else int(step)}
         except RuntimeError:  # the store itself is gone (the launcher died): nothing more to tell
             return {}
-        return late
+        return found
+
+    def _get(self, key: str) -> str | None:
+        return self.store.get(key).decode() if self.store.check([key]) else None
 
 
 def is_timeout(error: BaseException) -> bool:

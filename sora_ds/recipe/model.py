@@ -17,7 +17,7 @@ from .config import ConfigError, TrainConfig
 
 def build_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 
     # Launched on several processes without a GPU, accelerate would pick no backend (and DeepSpeed would then see
     # one process): ask for gloo. A plain single process must not ask, or accelerate expects a process group.
@@ -41,6 +41,13 @@ def build_accelerator(cfg: TrainConfig):
         log_with=cfg.report_to or None,
         project_dir=cfg.output_dir,
     )
+    if multi and accelerator.distributed_type == DistributedType.NO:
+        # accelerate's MULTI_GPU type on a machine without a GPU falls back to NO: the processes would each train
+        # alone (no gradient averaging, no barriers) and overwrite each other's outputs.
+        raise ConfigError(
+            "distributed_type", f"the launcher started {os.environ['WORLD_SIZE']} processes but accelerate set up no "
+            "distributed training (a MULTI_GPU config on a machine without a GPU?); on CPU launch with "
+            "launch/accelerate/zero2.yaml or zero3.yaml")
     ds = accelerator.state.deepspeed_plugin
     if ds is not None:
         check_deepspeed_version()

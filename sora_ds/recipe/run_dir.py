@@ -45,11 +45,14 @@ def conflicting_files(out: Path, resumed: Path | None, lineage: list[str], overw
 
 def prepare(out: Path, remove: list[Path], resumed: Path | None) -> None:
     """Main process, after every check: remove the conflicting run files (``overwrite_output_dir``), the temporary
-    folders of killed saves, and point ``latest`` at the resumed checkpoint if the newer ones were removed."""
+    folders of killed saves and exports, and point ``latest`` at the resumed checkpoint if the newer ones were removed."""
     for path in remove:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     root = out / "checkpoints"
     remove_partial_saves(root)
+    for name in ("adapter", "merged", "base_model"):  # atomic_dir's temporary folders of a killed earlier run
+        for tmp in out.glob(f".{name}.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
     pointer = root / "latest"
     if resumed is not None and remove and pointer.is_file() and resumed.resolve().parent == root.resolve():
         pointer.write_text(resumed.name)

@@ -128,6 +128,8 @@ def train(cfg: TrainConfig, on_step=None):
         if is_timeout(e):
             raise timeout_error(run, e) from e
         raise
+    finally:
+        run.heartbeat.stop()
     return run.plain, finish(run)
 
 
@@ -154,14 +156,16 @@ def stop_early(run: Run, done: int):
 
 
 def timeout_error(run: Run, error: RuntimeError) -> RankTimeout:
-    step = run.progress["step"]
-    late = run.heartbeat.behind(step)
-    who = (", ".join(f"rank {r} (last started step {s + 1 if s is not None else 'none'})" for r, s in late.items())
-           if late else "another rank")
+    def describe(rank: int, seen: dict) -> str:
+        silent = "never seen" if seen["silent_s"] is None else f"silent for {seen['silent_s']:.0f} s"
+        step = "none" if seen["step"] is None else seen["step"] + 1
+        return f"rank {rank} ({silent}, last started step {step})"
+
+    who = ", ".join(describe(r, seen) for r, seen in run.heartbeat.silent().items()) or "another rank"
     return RankTimeout(
-        f"rank {run.accelerator.process_index}: at step {step + 1} a collective waited dist_timeout="
+        f"rank {run.accelerator.process_index}: at step {run.progress['step'] + 1} a collective waited dist_timeout="
         f"{dist_timeout(run.cfg, run.accelerator.device.type == 'cuda')} s and {who} did not respond (hung, stopped "
-        f"or dead; check its log). The last checkpoint is intact; resume with --resume_from latest")
+        "or dead; check its log). Checkpoints already written are intact: --resume_from latest continues")
 
 
 def start(cfg: TrainConfig) -> Run:
@@ -208,7 +212,7 @@ def start(cfg: TrainConfig) -> Run:
               lr_scheduler=lr_scheduler, batches=micro_batches(train_dl, progress["micro_batches"]), eval_dl=eval_dl,
               mem_dl=mem_dl, shapes={n: (m.in_features, m.out_features) for n, m in adapter_layers(plain)},
               progress=progress, stages=StageRecorder.from_dicts(progress["stages"]), started=started, trainable=trainable,
-              identity=ident, data_counts=data_counts, heartbeat=Heartbeat())
+              identity=ident, data_counts=data_counts, heartbeat=Heartbeat().start())
     open_logs(run, resumed=resume is not None)
     model.train()
     run.started_training = time.perf_counter()
