@@ -18,7 +18,7 @@ from .adapters.orthogonal import orth_loss
 from .adapters.prox import soft_threshold
 from .adapters.schedule import LambdaSchedule, StageRecorder
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AdaLoRAConfig",

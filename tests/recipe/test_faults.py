@@ -133,6 +133,20 @@ def test_resume_on_changed_data_is_refused(tmp_path):
         run(tmp_path / "out", "--dataset", str(data), "--resume_from", "latest")
 
 
+def test_moved_data_resumes_when_allowed_and_counts_land_in_the_summary(tmp_path):
+    rows = [{"prompt": f"question {i}", "response": "answer " * (3 + 40 * (i % 4 == 0))} for i in range(40)]
+    first, moved = tmp_path / "a.jsonl", tmp_path / "moved" / "b.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run(tmp_path / "out", "--dataset", str(first), "--max_length", "64")
+    assert summary["data"] == {"records": 40, "truncated": 10, "dropped": 0, "train_examples": 36, "eval_examples": 4}
+    moved.parent.mkdir()
+    first.rename(moved)
+    resume = ["--dataset", str(moved), "--max_length", "64", "--resume_from", "latest"]
+    with pytest.raises(CheckpointError, match=r"^resume_from: dataset was .*a.jsonl.*--resume_allow_changes '\[dataset\]'"):
+        run(tmp_path / "out", *resume)
+    assert run(tmp_path / "out", *resume, "--resume_allow_changes", "[dataset]")["steps"] == 4
+
+
 def test_allowed_max_steps_change_resumes_and_follows_the_new_length(copy_of):
     out = copy_of()
     summary = run(out, "--resume_from", "latest", "--max_steps", "6", "--resume_allow_changes", "[max_steps]")
