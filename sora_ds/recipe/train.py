@@ -3,7 +3,8 @@ checkpoint)* -> finish. What the phases share is one :class:`Run`; ``Run.progres
 
 Outputs in ``output_dir``: ``config.yaml`` (resolved config), ``metrics.jsonl``, ``summary.json``,
 ``rank_heatmap.png``, ``adapter/`` (PEFT LoRA export), ``base_model/`` (when the base was built from a config),
-``merged/`` (with ``save_merged: true``).
+``merged/`` (with ``save_merged: true``), ``checkpoints/`` (with ``save_every``). Nothing is written before every
+check has passed (see the README's "Safety and recovery").
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ def start(cfg: TrainConfig) -> Run:
     train_ds, eval_ds, data_counts = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed,
                                                     cfg.packing)
     check_targets(cfg, tokenizer, accelerator)
+    accelerator.wait_for_everyone()  # every rank has checked the folder before the main process changes it
     if accelerator.is_main_process:
         run_dir.prepare(out, remove, resume)
         save_config(cfg, out / "config.yaml")

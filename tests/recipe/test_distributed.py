@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.support import BNB_CPU_PATHS, REPO
+from tests.support import BNB_CPU_PATHS, REPO, free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -32,12 +31,6 @@ QUANT_4BIT = ("{load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_use_doubl
               "bnb_4bit_compute_dtype: float32, bnb_4bit_quant_storage: float32}")
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], timeout: int = 480) -> None:

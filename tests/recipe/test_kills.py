@@ -4,12 +4,12 @@ a rank that stops responding."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +20,7 @@ import pytest
 from sora_ds.recipe.config import load_config
 from sora_ds.recipe.manifest import verify_manifest
 from sora_ds.recipe.train import train
-from tests.support import REPO, SORA_DEMO, assert_same_losses, metrics
+from tests.support import REPO, SORA_DEMO, assert_same_losses, free_port, metrics
 
 pytestmark = pytest.mark.recipe
 
@@ -193,6 +193,7 @@ def test_ctrl_c_on_two_ranks_stops_both_after_the_same_step_with_one_checkpoint(
 def test_a_rank_that_stops_responding_is_reported_with_rank_and_step(tmp_path):
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
     proc = launch_two_ranks(out, log, "--dist_timeout", "10")
+    ranks = []
     try:
         wait_for(lambda: (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2, proc, "two logged steps")
         ranks = _training_processes(proc.pid)
@@ -202,19 +203,15 @@ def test_a_rank_that_stops_responding_is_reported_with_rank_and_step(tmp_path):
         wait_for(lambda: "did not respond" in log.read_text(), proc, "the timeout report", timeout=90)
         waited = time.monotonic() - stopped_at
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [*ranks, proc.pid]:  # the ranks too: a stopped process ignores everything but SIGKILL
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
     report = next(line for line in log.read_text().splitlines() if "did not respond" in line)
     reporter, silent = re.search(r"rank (\d): at step \d+ a collective waited dist_timeout=10 s and rank (\d) \(silent "
                                  r"for \d+ s, last started step \d+\) did not respond", report).groups()
     assert reporter != silent
     assert waited < 60  # reported within the timeout (plus start-up slack), not after gloo's default 30 minutes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _training_processes(root: int) -> list[int]:
