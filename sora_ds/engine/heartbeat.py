@@ -80,6 +80,19 @@ class Heartbeat:
         return self.store.get(key).decode() if self.store.check([key]) else None
 
 
+def default_collective_timeout(seconds: float) -> None:
+    """Make ``seconds`` the timeout of every process group created from now on without one. The world group gets
+    its timeout from ``init_process_group``, but DeepSpeed builds its data-parallel groups with ``new_group()``,
+    which falls back to PyTorch's module default (30 minutes on gloo): a rank waiting in ZeRO's all-gather for a
+    silent peer would wait that long. Call before the groups are made (before ``accelerate``/DeepSpeed start)."""
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timedelta(seconds=seconds)  # read at every new_group() call
+    distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=seconds)
+
+
 def is_timeout(error: BaseException) -> bool:
     """A collective that gave up waiting (gloo: "Timed out waiting ...ms"; NCCL's watchdog: "... before timing
     out")."""

@@ -11,6 +11,7 @@ import torch
 
 from ..adapters.inject import select_targets
 from ..engine import check_deepspeed_version, without_zero_init, zero_stage
+from ..engine.heartbeat import default_collective_timeout
 from ..engine.atomic import atomic_dir
 from .config import ConfigError, TrainConfig
 
@@ -25,6 +26,7 @@ def build_accelerator(cfg: TrainConfig):
     gpu = torch.cuda.is_available()
     handlers = []
     if multi:  # the timeout is what turns a rank that stopped responding into an error instead of a silent hang
+        default_collective_timeout(dist_timeout(cfg, gpu))  # DeepSpeed's own groups too
         timeout = timedelta(seconds=dist_timeout(cfg, gpu))
         handlers = [InitProcessGroupKwargs(timeout=timeout) if gpu else InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     plugin = GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False)
