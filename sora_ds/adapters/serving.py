@@ -33,8 +33,8 @@ from .inject import adapter_layers
 
 # One line each: `sora-ds export --help` and README print these.
 EXPORT_FORMATS = {
-    "peft": "compact PEFT LoRA, each module at its kept rank (rank_pattern/alpha_pattern); PEFT and vLLM load it, "
-            "SGLang refuses it when ranks differ",
+    "peft": "compact PEFT LoRA, each module at its kept rank (rank_pattern/alpha_pattern): PEFT loads it; vLLM only "
+            "while all modules share one scale; SGLang and LoRAX refuse uneven ranks",
     "uniform": "every module zero-padded to the max kept rank, scale folded into B, r = lora_alpha; loads in PEFT, "
                "vLLM, SGLang and LoRAX/TGI",
     "vllm": "uniform, with the rank rounded up to a vLLM max_lora_rank bucket (1, 8, 16, 32, ..., 512)",
