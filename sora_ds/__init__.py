@@ -17,6 +17,7 @@ from .adapters.optim import AdapterAdamW, adalora_budget, build_optimizer, gate_
 from .adapters.orthogonal import orth_loss
 from .adapters.prox import soft_threshold
 from .adapters.schedule import LambdaSchedule, StageRecorder
+from .adapters.serving import EXPORT_FORMATS, compatibility, export_format, serving_cost
 
 __version__ = "0.3.0"
 
@@ -34,6 +35,10 @@ __all__ = [
     "build_optimizer",
     "compact",
     "export_peft",
+    "EXPORT_FORMATS",
+    "export_format",
+    "compatibility",
+    "serving_cost",
     "gate_l1_penalty",
     "gate_parameters",
     "inject",

@@ -2,6 +2,7 @@
 
     sora-ds export outputs/run/checkpoints/step-0000500 my_adapter/   # a checkpoint (ZeRO-3 too) -> PEFT adapter
     sora-ds export outputs/run my_adapter/                            # the run's final adapter, or its latest ckpt
+    sora-ds export outputs/run for_vllm/ --format vllm                # one rank for every module, a vLLM bucket
     sora-ds merge --base outputs/run/base_model --adapter my_adapter/ merged/
     sora-ds report outputs/run                                        # kept-rank table, heatmap, sparsity figures
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from ..adapters.serving import ADAPTER_FORMATS, EXPORT_FORMATS, convert_adapter, describe, write_record
 from ..engine.atomic import atomic_dir
 from .checkpoint import STATE_FILE
 from .outputs import (
@@ -62,13 +64,23 @@ def find_adapter(source: Path) -> Path:
     )
 
 
-def export(source: Path, out: Path, overwrite: bool = False) -> Path:
+def export(source: Path, out: Path, overwrite: bool = False, fmt: str = "peft") -> tuple[Path, dict]:
+    """Write the adapter found in ``source`` to ``out`` in format ``fmt`` (one of ``ADAPTER_FORMATS``); returns the
+    adapter folder read and the serving record (the engines the written adapter is valid for)."""
+    if fmt not in ADAPTER_FORMATS:
+        raise CLIError(f"--format {fmt}: choose one of {list(ADAPTER_FORMATS)}"
+                       + ("; the merged model needs the base: sora-ds merge --base BASE --adapter SOURCE OUT"
+                          if fmt == "merged" else ""))
     adapter = find_adapter(source)
     _check_out(out, [source, adapter], overwrite)
     with _writing(out) as tmp:
-        for f in adapter.iterdir():
-            shutil.copy2(f, tmp / f.name)
-    return adapter
+        if fmt == "peft":
+            for f in adapter.iterdir():
+                shutil.copy2(f, tmp / f.name)
+            record = write_record(tmp, fmt)
+        else:
+            record = convert_adapter(adapter, fmt, tmp)
+    return adapter, record
 
 
 def merge(base: Path, adapter_source: Path, out: Path, dtype: str, overwrite: bool = False) -> None:
@@ -132,7 +144,7 @@ def _writing(out: Path):
 
 
 def report(run_dir: Path) -> str:
-    from .summary import plot_rank_heatmap, rank_table
+    from .summary import plot_rank_heatmap, rank_table, serving_lines
 
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
@@ -146,6 +158,8 @@ def report(run_dir: Path) -> str:
         lines.append(f"stage {s['stage']} (step {s['step']}, lambda {s['sparse_lambda']:g}): nonzero params "
                      f"{s['nonzero_params']}, memorization {s['memorization_ratio']:.3f}, "
                      f"generalization {s['generalization_ratio']:.3f}")
+    if "serving" in summary:  # runs before 0.4 have none
+        lines.append(serving_lines(summary["serving"]))
     lines.append(f"heatmap: {run_dir / 'rank_heatmap.png'}")
     return "\n".join(lines)
 
@@ -154,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sora-ds", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("export", help="copy the pruned PEFT adapter out of a checkpoint or run folder")
+    formats = "\n".join(f"  {name:8s} {line}" for name, line in EXPORT_FORMATS.items())
+    p = sub.add_parser("export", help="write the pruned adapter of a checkpoint or run folder in a serving format",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"formats (--format):\n{formats}\n\nEach export prints, and writes to OUT/serving.json, "
+                              "the engines the adapter loads in (peft, vllm, sglang, lorax) and the max_lora_rank "
+                              "vLLM needs.")
     p.add_argument("source", type=Path, metavar="SOURCE",
                    help="a checkpoint folder (checkpoints/step-N), a run's output_dir (its adapter/, else its latest "
                         "checkpoint) or an adapter folder; only read")
@@ -164,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="if OUT is a non-empty folder, delete its whole content and put the adapter in its place "
                         "(once the adapter is complete); never allowed when OUT is, contains or is inside SOURCE")
+    p.add_argument("--format", default="peft", metavar="F",
+                   help=f"one of {', '.join(ADAPTER_FORMATS)} (default: peft, the compact adapter as trained); "
+                        "listed below")
     p = sub.add_parser("merge", help="merge an adapter into full weights of its base model")
     p.add_argument("--base", type=Path, required=True,
                    help="the base model the adapter was trained on: a model folder (e.g. a run's base_model/) or a "
@@ -184,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            print(f"exported {export(args.source, args.out, args.overwrite)} -> {args.out}")
+            adapter, record = export(args.source, args.out, args.overwrite, args.format)
+            print(f"exported {adapter} -> {args.out}\n{describe(record)}")
         elif args.command == "merge":
             merge(args.base, args.adapter, args.out, args.dtype, args.overwrite)
             print(f"merged -> {args.out}")

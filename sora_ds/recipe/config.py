@@ -37,6 +37,7 @@ import yaml
 from ..adapters.config import AdaLoRAConfig, AdapterConfig, SoRAConfig
 from ..adapters.errors import ConfigError
 from ..adapters.prox import THRESHOLD_MODES
+from ..adapters.serving import ADAPTER_FORMATS
 from ..adapters.schedule import LambdaSchedule
 
 TINY_LLAMA = {
@@ -100,7 +101,10 @@ class TrainConfig:
     log_every: int = 10
     report_to: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard] or [wandb]
     eval_every: int = 50  # 0: evaluate only at the end (and at stage ends)
-    save_merged: bool = False
+    save_merged: bool = False  # the merged model (the export format "merged") in merged/
+    # adapter formats written at the end: peft -> adapter/ (required: export, merge and report read it), the others
+    # -> adapter_<format>/ (see sora_ds.adapters.serving.EXPORT_FORMATS)
+    export_formats: list[str] = field(default_factory=lambda: ["peft"])
     save_every: int = 0  # optimizer steps between checkpoints; 0: none
     save_total_limit: int = 0  # keep only the newest N checkpoints; 0: keep all
     resume_from: str | None = None  # a checkpoint folder, or "latest" (newest under output_dir/checkpoints)
@@ -139,6 +143,7 @@ class TrainConfig:
         if self.model_name_or_path is None and not self.model_config:
             raise ConfigError("model_config", "must be a non-empty mapping when model_name_or_path is null")
         _check_trackers(self.report_to)
+        _check_export_formats(self.export_formats)
         self._derive_library_configs()
         if self.method == "adalora":
             for key, default in SORA_ONLY_KEYS.items():
@@ -218,6 +223,22 @@ def _sora_only(key: str, method: str) -> ConfigError:
 def _check_choice(key: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(key, f"={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check_export_formats(formats: list[str]) -> None:
+    if not isinstance(formats, list) or not all(isinstance(f, str) for f in formats):
+        raise ConfigError("export_formats", f"must be a list of format names, got {formats!r}; allowed: "
+                          f"{list(ADAPTER_FORMATS)}")
+    for fmt in formats:
+        if fmt == "merged":
+            raise ConfigError("export_formats", "='merged' is set by save_merged: true (one key per output); "
+                              f"allowed here: {list(ADAPTER_FORMATS)}")
+        _check_choice("export_formats", fmt, ADAPTER_FORMATS)
+    if "peft" not in formats:
+        raise ConfigError("export_formats", f"={formats!r} must include 'peft': adapter/ is the adapter that sora-ds "
+                          "export, merge and report read; add the other formats beside it")
+    if len(set(formats)) != len(formats):
+        raise ConfigError("export_formats", f"={formats!r} names a format twice")
 
 
 def _check_trackers(names: list[str]) -> None:

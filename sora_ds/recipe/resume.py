@@ -19,7 +19,7 @@ from .manifest import CheckpointError
 # Keys that never affect the numbers: where outputs go, how often they are written, how long a collective may wait.
 FREE = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from", "resume_allow_changes", "log_every", "eval_every",
-    "save_every", "save_total_limit", "report_to", "save_merged", "gradient_checkpointing", "dist_timeout",
+    "save_every", "save_total_limit", "report_to", "save_merged", "export_formats", "gradient_checkpointing", "dist_timeout",
     "deepspeed_config",  # the ZeRO stage and process count are compared instead (the JSON's path may move)
 })
 WHY = {

@@ -16,8 +16,8 @@ from .checkpoint import checkpoint_run_ids, remove_partial_saves
 from .outputs import OutputError
 
 # Every file and folder a run writes into output_dir.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "rank_heatmap.png", "adapter", "merged", "base_model",
-             "checkpoints")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "rank_heatmap.png", "adapter", "adapter_uniform",
+             "adapter_vllm", "merged", "base_model", "checkpoints")
 
 
 def conflicting_files(out: Path, resumed: Path | None, lineage: list[str], overwrite: bool) -> list[Path]:
@@ -50,7 +50,7 @@ def prepare(out: Path, remove: list[Path], resumed: Path | None) -> None:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     root = out / "checkpoints"
     remove_partial_saves(root)
-    for name in ("adapter", "merged", "base_model"):  # atomic_dir's temporary folders of a killed earlier run
+    for name in ("adapter", "adapter_uniform", "adapter_vllm", "merged", "base_model"):  # atomic_dir's temporary folders of a killed earlier run
         for tmp in out.glob(f".{name}.tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
     pointer = root / "latest"

@@ -43,6 +43,27 @@ def rank_table(report: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
+def serving_lines(serving: dict) -> str:
+    """The ``serving`` block of summary.json for people: sizes and FLOPs per token at the kept, vLLM-padded and
+    unpruned ranks, and the engines each written adapter loads in."""
+    size, flops = serving["adapter_bytes"], serving["flops_per_token"]
+
+    def row(what: str, values: dict) -> str:
+        return f"{what:22s}" + "".join(f"{'-' if values[k] is None else values[k]:>14,}" for k in ("kept", "padded",
+                                                                                                      "unpruned"))
+
+    lines = [f"serving: max kept rank {serving['max_kept_rank']}, vLLM max_lora_rank {serving['vllm_max_lora_rank']}",
+             f"{'':22s}{'kept ranks':>14s}{'vLLM padded':>14s}{'unpruned':>14s}",
+             row("adapter bytes", size), row("adapter FLOPs/token", flops)]
+    for folder, record in serving.get("formats", {}).items():
+        if "error" in record:
+            lines.append(f"{folder}/: not written: {record['error']}")
+            continue
+        lines.append(f"{folder}/ ({record['format']}, r={record['r']}):")
+        lines += [f"  {engine:7s} {verdict}" for engine, verdict in record["engines"].items()]
+    return "\n".join(lines)
+
+
 def plot_rank_heatmap(report: dict[str, dict[str, int]], path: str | Path) -> None:
     """Layers (rows) x module kinds (columns), colour and label = kept rank."""
     import matplotlib

@@ -2,7 +2,8 @@
 checkpoint)* -> finish. What the phases share is one :class:`Run`; ``Run.progress`` is what a checkpoint saves.
 
 Outputs in ``output_dir``: ``config.yaml`` (resolved config), ``metrics.jsonl``, ``summary.json``,
-``rank_heatmap.png``, ``adapter/`` (PEFT LoRA export), ``base_model/`` (when the base was built from a config),
+``rank_heatmap.png``, ``adapter/`` (PEFT LoRA export; ``adapter_uniform/``, ``adapter_vllm/`` with ``export_formats``),
+``base_model/`` (when the base was built from a config),
 ``merged/`` (with ``save_merged: true``), ``checkpoints/`` (with ``save_every``). Nothing is written before every
 check has passed (see the README's "Safety and recovery").
 """
@@ -24,7 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..adapters.compact import adapter_tensors, rank_report
-from ..adapters.export import export_peft, save_merged
+from ..adapters.export import save_merged
+from ..adapters.serving import export_format, serving_cost
 from ..adapters.inject import adapter_layers, inject
 from ..adapters.optim import adalora_budget, build_optimizer, gate_l1_penalty, set_sparse_lambda
 from ..adapters.orthogonal import orth_loss
@@ -42,7 +44,7 @@ from .interrupt import StopRequest
 from .model import base_model, build_accelerator, check_quantization, check_targets, dist_timeout, load_tokenizer
 from .outputs import check_writable
 from .resume import check_resume, identity
-from .summary import adapter_params, plot_rank_heatmap, rank_table, retained_fraction
+from .summary import adapter_params, plot_rank_heatmap, rank_table, retained_fraction, serving_lines
 
 
 class TrainingStopped(Exception):
@@ -340,6 +342,30 @@ def record_stage(run: Run, step: int) -> None:
     )
 
 
+def export_adapters(run: Run) -> dict[str, dict]:
+    """The adapter in every format of ``export_formats`` (``peft`` -> ``adapter/``, others -> ``adapter_<format>/``);
+    returns ``{folder: serving record}`` on the main process (a collective: every rank calls it)."""
+    cfg, out = run.cfg, run.out
+    base = cfg.model_name_or_path or str((out / "base_model").resolve())
+    records = {}
+    for fmt in cfg.export_formats:
+        folder = "adapter" if fmt == "peft" else f"adapter_{fmt}"
+        try:
+            record = export_format(run.plain, fmt, out / folder, base_model_name_or_path=base)
+        except ValueError as e:  # a rank above vLLM's largest bucket: the other formats are still written
+            run.accelerator.print(f"export_formats: {fmt} not written: {e}")
+            record = {"format": fmt, "error": str(e)}
+        if record is not None:
+            records[folder] = record
+    return records
+
+
+def _bytes_per_param(model: nn.Module) -> int:
+    """Bytes per adapter parameter (the dtype, not the tensor: under ZeRO-3 a partitioned one is empty here)."""
+    _, module = next(iter(adapter_layers(model)))
+    return torch.empty(0, dtype=module.lora_A.dtype).element_size()
+
+
 def finish(run: Run, stopped: str | None = None) -> dict:
     """Final eval, the PEFT export, ``summary.json``, the rank heatmap and table; ``merged/`` if asked.
     ``stopped``: why the run ended early with nothing to export (the summary is still written)."""
@@ -348,8 +374,7 @@ def finish(run: Run, stopped: str | None = None) -> dict:
     train_time = time.perf_counter() - run.started_training
     final = evaluate(run.model, run.eval_dl, accelerator) if run.eval_dl is not None else {"loss": math.nan, "token_accuracy": math.nan}
     report = rank_report(plain)
-    if stopped is None:
-        export_peft(plain, out / "adapter", base_model_name_or_path=cfg.model_name_or_path or str((out / "base_model").resolve()))
+    formats = export_adapters(run) if stopped is None else {}
     summary = {
         "method": cfg.method,
         "initial_ranks": {n: r["initial"] for n, r in report.items()},
@@ -368,11 +393,13 @@ def finish(run: Run, stopped: str | None = None) -> dict:
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - run.started,
         "stages": run.stages.as_dicts(),
+        "serving": {**serving_cost(report, run.shapes, _bytes_per_param(plain)), "formats": formats},
     }
     if accelerator.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_rank_heatmap(report, out / "rank_heatmap.png")
         accelerator.print(rank_table(report))
+        accelerator.print(serving_lines(summary["serving"]))
         accelerator.print(
             f"retained adapter params: {summary['retained_adapter_param_fraction']:.1%}  "
             f"final eval loss: {final['loss']:.4f}  wall time: {summary['wall_time_s']:.1f}s  -> {out}"

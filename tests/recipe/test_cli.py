@@ -22,7 +22,7 @@ pytestmark = pytest.mark.recipe
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     train(load_config(["--max_steps", "6", "--save_every", "3", "--log_every", "3", "--sparsify_stages", "2",
-                       "--output_dir", str(out)], SORA_DEMO))
+                       "--export_formats", "[peft, vllm]", "--output_dir", str(out)], SORA_DEMO))
     return out
 
 
@@ -64,6 +64,35 @@ def test_report_prints_ranks_and_stages_and_draws_heatmap(run_dir, capsys):
     assert f"total kept ranks: {summary['total_kept_ranks']}/{summary['total_initial_ranks']}" in out
     assert "stage 1 (step 6" in out
     assert (run_dir / "rank_heatmap.png").is_file()
+    assert f"vLLM max_lora_rank {summary['serving']['vllm_max_lora_rank']}" in out and "adapter_vllm/ (vllm" in out
+
+
+def test_run_writes_serving_formats_and_costs(run_dir):
+    """export_formats: [peft, vllm] -> adapter/ and adapter_vllm/, each with its engines; summary.json's serving."""
+    serving = json.loads((run_dir / "summary.json").read_text())["serving"]
+    assert set(serving["formats"]) == {"adapter", "adapter_vllm"}
+    for folder, record in serving["formats"].items():
+        assert json.loads((run_dir / folder / "serving.json").read_text()) == record
+    assert all(v.startswith("loads") for v in serving["formats"]["adapter_vllm"]["engines"].values())
+    assert serving["formats"]["adapter_vllm"]["r"] == serving["vllm_max_lora_rank"]
+    flops = serving["flops_per_token"]
+    assert flops["kept"] <= flops["unpruned"] and flops["padded"] >= flops["kept"]
+    assert serving["adapter_bytes"]["kept"] == 2 * flops["kept"]  # float32: 4 bytes, 2 FLOPs per parameter
+
+
+def test_export_formats_on_the_command_line(run_dir, tmp_path, capsys):
+    assert main(["export", str(run_dir), str(tmp_path / "u"), "--format", "uniform"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((tmp_path / "u" / "serving.json").read_text())
+    assert record["format"] == "uniform" and all(v.startswith("loads") for v in record["engines"].values())
+    assert "sglang" in out and "max_lora_rank" in out
+    assert main(["export", str(run_dir), str(tmp_path / "m"), "--format", "merged"]) == 2
+    assert "sora-ds merge --base" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    help_text = capsys.readouterr().out
+    for fmt in ("peft", "uniform", "vllm", "merged"):
+        assert f"\n  {fmt} " in help_text
 
 
 def test_console_script_is_installed():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sora_ds.recipe.config import ConfigError, load_config, save_config
+from sora_ds.recipe.config import ConfigError, TrainConfig, load_config, save_config
 from tests.support import ADALORA_DEMO, SORA_DEMO
 
 pytestmark = pytest.mark.unit
@@ -97,3 +97,13 @@ def test_saved_config_loads_back_equal(demo, tmp_path):
     assert cfg.adapter.init_seed == 7 and (cfg.method == "sora" or cfg.adapter.total_step == 150)
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(["--config", str(tmp_path / "config.yaml")]) == cfg
+
+
+@pytest.mark.parametrize("formats, words", [
+    (["vllm"], "must include 'peft'"), (["peft", "merged"], "save_merged"), (["peft", "gguf"], "'uniform'"),
+    (["peft", "peft"], "twice"), ("peft", "list of format names"),
+])
+def test_export_formats_errors_name_the_allowed_values(formats, words):
+    with pytest.raises(ConfigError, match="export_formats") as e:
+        TrainConfig(export_formats=formats)
+    assert words in str(e.value)
