@@ -83,7 +83,7 @@ class SoRAConfig(AdapterConfig):
     """SoRA. ``gate_init``: ``"normal"`` (standard normal, the authors' choice) or ``"ones"`` (starts as plain
     LoRA). The sparsity strength is an optimizer setting (``sparse_lambda``, see :func:`sora_ds.build_optimizer`)."""
 
-    gate_init: str = "normal"
+    gate_init: str = "normal"  # normal (standard normal, the authors' choice) or ones (starts as plain LoRA)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,14 +106,14 @@ class AdaLoRAConfig(AdapterConfig):
     """
 
     r: int = 12
-    target_r: int = 8
-    t_init: int = 0
-    t_final: int = 0
-    delta_t: int = 1
+    target_r: int = 8  # the average rank the global budget ends at
+    t_init: int = 0  # steps before the budget starts to decrease
+    t_final: int = 0  # steps at the end with the final budget (masks fixed)
+    delta_t: int = 1  # steps between rank re-allocations
     total_step: int = 1000
-    importance_beta1: float = 0.85
-    importance_beta2: float = 0.85
-    orth_reg_weight: float = 0.5
+    importance_beta1: float = 0.85  # EMA factor of the sensitivity
+    importance_beta2: float = 0.85  # EMA factor of its uncertainty
+    orth_reg_weight: float = 0.5  # weight of the orthogonality penalty on P and Q
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -27,11 +27,11 @@ _EXP_RATE = 5.0  # shape of the saturating "exp" ramp: ~92% of the rise by mid-r
 
 @dataclass(frozen=True)
 class LambdaSchedule:
-    sparse_lambda: float = 1.0
-    lambda_schedule: str = "constant"
-    lambda_start: float = 0.0
+    sparse_lambda: float = 1.0  # the sparsity strength lambda the schedule ends at (see threshold_mode)
+    lambda_schedule: str = "constant"  # constant, linear, loglinear or exp: the ramp from lambda_start
+    lambda_start: float = 0.0  # lambda at step 0 of a ramp
     lambda_ramp_steps: int | None = None  # None: not set (the recipe sets it to max_steps)
-    sparsify_stages: int = 0
+    sparsify_stages: int = 0  # >= 2: lambda rises in that many equal steps, each stage's scores recorded
 
     def __post_init__(self) -> None:
         if self.lambda_schedule not in LAMBDA_SCHEDULES:

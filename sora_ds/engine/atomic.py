@@ -35,7 +35,7 @@ def atomic_dir(target: str | os.PathLike):
     moved_aside = False
     try:
         yield tmp
-        _fsync_tree(tmp)
+        publish(tmp)
         if old.exists():
             shutil.rmtree(old)
         if target.exists():
@@ -51,8 +51,19 @@ def atomic_dir(target: str | os.PathLike):
         raise
 
 
-def _fsync_tree(root: Path) -> None:
+def publish(root: Path) -> None:
+    """Make a freshly written folder ready to be renamed into place: its data on disk (fsync) and its permissions
+    those of any file the user creates (``mkdtemp`` makes 0700 folders and some writers 0600 files, which teammates
+    on a shared cluster could not read)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
     for path in root.rglob("*"):
-        if path.is_file():
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, 0o777 & ~mask)
+        elif path.is_file():
+            os.chmod(path, 0o666 & ~mask)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())

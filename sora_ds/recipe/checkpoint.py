@@ -1,8 +1,9 @@
 """Training checkpoints: optimizer/scheduler/RNG state through accelerate (DeepSpeed's sharded engine state under
 ZeRO), only the trainable weights (never the frozen base), the loop's own state, the PEFT adapter and a manifest.
 
-Layout: ``output_dir/checkpoints/step-0000100/`` plus ``output_dir/checkpoints/latest`` (the newest folder's name).
-Every rank writes into a hidden ``.step-N.tmp`` folder; only after all ranks finished does rank 0 write the manifest
+Layout: ``output_dir/checkpoints/checkpoint-100/`` (the Trainer's naming) plus ``output_dir/checkpoints/latest``, a
+relative symlink to the newest complete one (so ``.../checkpoints/latest/adapter`` is a path any tool can open).
+Every rank writes into a hidden ``.checkpoint-N.tmp`` folder; only after all ranks finished does rank 0 write the manifest
 (:mod:`sora_ds.recipe.manifest`), rename the folder and then repoint ``latest``, so a crash mid-save leaves the
 previous checkpoint and pointer intact, and a failed save removes its temporary folder.
 
@@ -19,11 +20,12 @@ import shutil
 from pathlib import Path
 
 from ..adapters.export import export_peft
+from ..engine.atomic import publish
 from .manifest import CheckpointError, verify_manifest, write_manifest
 from .outputs import OutputError, describe_write_error
 
 STATE_FILE = "trainer_state.json"
-TMP_GLOB = ".step-*.tmp"
+TMP_GLOB = ".checkpoint-*.tmp"
 
 
 def _is_deepspeed(accelerator) -> bool:
@@ -31,7 +33,7 @@ def _is_deepspeed(accelerator) -> bool:
 
 
 def checkpoint_name(step: int) -> str:
-    return f"step-{step:07d}"
+    return f"checkpoint-{step}"
 
 
 def keep_trainable_only(accelerator, plain_model) -> None:
@@ -71,13 +73,12 @@ def save_checkpoint(
             (tmp / STATE_FILE).write_text(json.dumps(loop_state))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            publish(tmp)
             write_manifest(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            pointer = root / ".latest.tmp"
-            pointer.write_text(name)
-            os.replace(pointer, root / "latest")
+            point_latest(root, name)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _write_failure(e):
@@ -87,6 +88,23 @@ def save_checkpoint(
         rotate(root, lineage, keep, loop_state["run_id"])
     accelerator.wait_for_everyone()
     return final
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Repoint ``root/latest`` at checkpoint ``name`` in one rename (a relative link: the run folder can move)."""
+    pointer = root / ".latest.tmp"
+    pointer.unlink(missing_ok=True)
+    pointer.symlink_to(name, target_is_directory=True)
+    os.replace(pointer, root / "latest")
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint ``root/latest`` points at, or None (no pointer, or it names nothing)."""
+    pointer = root / "latest"
+    if not pointer.is_symlink():
+        return None
+    target = root / os.readlink(pointer)
+    return target if target.is_dir() else None
 
 
 def _write_failure(e: BaseException) -> bool:
@@ -106,24 +124,26 @@ def rotate(root: Path, lineage: list[str], keep: int, run_id: str) -> None:
 
 def checkpoint_run_ids(root: Path) -> dict[str, str | None]:
     """Name -> run id of every checkpoint folder under ``root`` (None where the state is unreadable)."""
-    return {p.name: read_state(p, check=False).get("run_id") for p in sorted(root.glob("step-*")) if p.is_dir()}
+    return {p.name: read_state(p, check=False).get("run_id") for p in sorted(root.glob("checkpoint-*")) if p.is_dir()}
 
 
 def remove_partial_saves(root: Path) -> None:
-    """Temporary folders of saves that were killed (the ``.step-N.tmp`` of this layout only)."""
+    """Temporary folders of saves that were killed (the ``.checkpoint-N.tmp`` of this layout only)."""
     for tmp in root.glob(TMP_GLOB):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
-    """``"latest"`` -> the folder named by ``output_dir/checkpoints/latest``; anything else is a folder path."""
+    """``"latest"`` -> the checkpoint ``output_dir/checkpoints/latest`` points at; anything else is a folder path
+    (a ``latest`` link included)."""
     if resume_from == "latest":
-        pointer = Path(output_dir) / "checkpoints" / "latest"
-        if not pointer.is_file():
-            raise CheckpointError(f"resume_from='latest' but {pointer} does not exist (no checkpoint saved yet)")
-        path = pointer.parent / pointer.read_text().strip()
+        root = Path(output_dir) / "checkpoints"
+        path = latest_checkpoint(root)
+        if path is None:
+            raise CheckpointError(f"resume_from='latest' but {root / 'latest'} names no checkpoint (none saved yet)")
     else:
         path = Path(resume_from)
+        path = path.parent / os.readlink(path) if path.is_symlink() and path.name == "latest" else path
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"resume_from={resume_from!r}: {path} is not a complete sora-ds checkpoint")
     return path

@@ -1,6 +1,6 @@
 """The ``sora-ds`` command: work after training.
 
-    sora-ds export outputs/run/checkpoints/step-0000500 my_adapter/   # a checkpoint (ZeRO-3 too) -> PEFT adapter
+    sora-ds export outputs/run/checkpoints/checkpoint-500 my_adapter/   # a checkpoint (ZeRO-3 too) -> PEFT adapter
     sora-ds export outputs/run my_adapter/                            # the run's final adapter, or its latest ckpt
     sora-ds export outputs/run for_vllm/ --format vllm                # one rank for every module, a vLLM bucket
     sora-ds merge --base outputs/run/base_model --adapter my_adapter/ merged/
@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 
 from ..adapters.serving import ADAPTER_FORMATS, EXPORT_FORMATS, convert_adapter, describe, write_record
 from ..engine.atomic import atomic_dir
-from .checkpoint import STATE_FILE
+from .checkpoint import STATE_FILE, latest_checkpoint
 from .outputs import (
     OutputError,
     check_destination,
@@ -52,9 +52,9 @@ def find_adapter(source: Path) -> Path:
     candidates = [source, source / "adapter"]
     if (source / STATE_FILE).is_file():
         candidates = [source / "adapter"]
-    latest = source / "checkpoints" / "latest"
-    if latest.is_file():
-        candidates.append(latest.parent / latest.read_text().strip() / "adapter")
+    latest = latest_checkpoint(source / "checkpoints")
+    if latest is not None:
+        candidates.append(latest / "adapter")
     for c in candidates:
         if all((c / f).is_file() for f in ADAPTER_FILES):
             return c
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                               "the engines the adapter loads in (peft, vllm, sglang, lorax) and the max_lora_rank "
                               "vLLM needs.")
     p.add_argument("source", type=Path, metavar="SOURCE",
-                   help="a checkpoint folder (checkpoints/step-N), a run's output_dir (its adapter/, else its latest "
+                   help="a checkpoint folder (checkpoints/checkpoint-N), a run's output_dir (its adapter/, else its latest "
                         "checkpoint) or an adapter folder; only read")
     p.add_argument("out", type=Path, metavar="OUT",
                    help="the folder to create with adapter_config.json and adapter_model.safetensors: a new path or an "

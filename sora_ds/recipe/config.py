@@ -67,44 +67,44 @@ class TrainConfig:
     model_name_or_path: str | None = None  # hub name or local dir; None builds a Llama from model_config
     model_config: dict = field(default_factory=lambda: dict(TINY_LLAMA))  # config kwargs when building from config
     tokenizer_name_or_path: str | None = None  # None: the model's own, or the built-in byte tokenizer
-    torch_dtype: str = "float32"
+    torch_dtype: str = "float32"  # float32, bfloat16 or float16: the dtype the base is loaded in
     quantization: dict | None = None  # BitsAndBytesConfig arguments, e.g. {load_in_4bit: true, bnb_4bit_quant_type: nf4}
     # --- data ---
     dataset: str | None = None  # local .json/.jsonl file or folder, or hub dataset name; None: built-in tiny chat
-    dataset_split: str = "train"
+    dataset_split: str = "train"  # the split of a hub dataset (local files have one)
     eval_size: int | float = 0.1  # fraction in (0, 1) or a count of examples
-    max_length: int = 128
+    max_length: int = 128  # tokens per example (longer ones are truncated)
     packing: bool = False  # several training examples per max_length row, kept apart by position_ids
     # --- adapter: flat keys of SoRAConfig / AdaLoRAConfig (see the module docstring) ---
     method: str = "sora"  # "sora" or "adalora"
     adapter: AdapterConfig = field(default_factory=SoRAConfig)
     # --- sparsity (SoRA): flat keys of LambdaSchedule, plus the gate step's optimizer settings ---
     sparsity: LambdaSchedule | None = field(default_factory=LambdaSchedule)  # None with method: adalora
-    threshold_mode: str = "lr_scaled"
-    gate_l1: float = 0.0
+    threshold_mode: str = "lr_scaled"  # the gate step threshold: lr_scaled (lr * lambda) or absolute (lambda)
+    gate_l1: float = 0.0  # an L1 penalty on the gates added to the loss (besides the proximal step)
     gate_learning_rate: float | None = None  # None: learning_rate
     # --- optimization ---
-    learning_rate: float = 1e-2
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "constant"
-    warmup_steps: int = 0
-    max_steps: int = 200
-    per_device_train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-2  # AdamW learning rate of the adapter
+    weight_decay: float = 0.0  # AdamW weight decay (never on the gates)
+    lr_scheduler_type: str = "constant"  # constant, constant_with_warmup, linear or cosine
+    warmup_steps: int = 0  # learning-rate warmup, in optimizer steps
+    max_steps: int = 200  # optimizer steps of the run (the schedules are laid out over them)
+    per_device_train_batch_size: int = 16  # examples per micro-batch on each process
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # 0 disables clipping
-    mixed_precision: str = "no"
+    mixed_precision: str = "no"  # no, bf16 or fp16 (accelerate autocast)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    seed: int = 42
+    seed: int = 42  # builds the base from model_config, orders the data, inits the adapters
     # --- outputs ---
-    output_dir: str = "outputs/sora"
+    output_dir: str = "outputs/sora"  # where the run writes (see the README: Safety and recovery)
     overwrite_output_dir: bool = False  # replace the run files of another run found in output_dir (never other files)
-    log_every: int = 10
+    log_every: int = 10  # optimizer steps between metrics.jsonl records
     report_to: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard] or [wandb]
     eval_every: int = 50  # 0: evaluate only at the end (and at stage ends)
     save_merged: bool = False  # the merged model (the export format "merged") in merged/
-    # adapter formats written at the end: peft -> adapter/ (required: export, merge and report read it), the others
-    # -> adapter_<format>/ (see sora_ds.adapters.serving.EXPORT_FORMATS)
-    export_formats: list[str] = field(default_factory=lambda: ["peft"])
+    # peft -> adapter/ (required: export, merge and report read it); the others -> adapter_<format>/ (see
+    # sora_ds.adapters.serving.EXPORT_FORMATS)
+    export_formats: list[str] = field(default_factory=lambda: ["peft"])  # adapter formats written at the end
     save_every: int = 0  # optimizer steps between checkpoints; 0: none
     save_total_limit: int = 0  # keep only the newest N checkpoints; 0: keep all
     resume_from: str | None = None  # a checkpoint folder, or "latest" (newest under output_dir/checkpoints)

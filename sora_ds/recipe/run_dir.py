@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .checkpoint import checkpoint_run_ids, remove_partial_saves
+from .checkpoint import checkpoint_run_ids, point_latest, remove_partial_saves
 from .outputs import OutputError
 
 # Every file and folder a run writes into output_dir.
@@ -53,7 +53,6 @@ def prepare(out: Path, remove: list[Path], resumed: Path | None) -> None:
     for name in ("adapter", "adapter_uniform", "adapter_vllm", "merged", "base_model"):  # atomic_dir's temporary folders of a killed earlier run
         for tmp in out.glob(f".{name}.tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
-    pointer = root / "latest"
-    if resumed is not None and remove and pointer.is_file() and resumed.resolve().parent == root.resolve():
-        pointer.write_text(resumed.name)
+    if resumed is not None and remove and resumed.resolve().parent == root.resolve():
+        point_latest(root, resumed.name)
     out.mkdir(parents=True, exist_ok=True)

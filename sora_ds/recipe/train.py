@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 import time
 import uuid
@@ -25,26 +26,31 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..adapters.compact import adapter_tensors, rank_report
+from ..adapters.errors import ConfigError
 from ..adapters.export import save_merged
-from ..adapters.serving import export_format, serving_cost
-from ..adapters.inject import adapter_layers, inject
+from ..adapters.inject import TargetError, adapter_layers, inject
 from ..adapters.optim import adalora_budget, build_optimizer, gate_l1_penalty, set_sparse_lambda
 from ..adapters.orthogonal import orth_loss
 from ..adapters.schedule import StageRecorder
+from ..adapters.serving import export_format, serving_cost
 from ..data.batches import EpochSampler, micro_batches, supervised_tokens
 from ..data.chat import build_datasets, collate
 from ..data.fingerprint import dataset_fingerprint
+from ..data.records import DataError
 from ..engine import check_deepspeed_internals, local_shard, sharding_report, zero_stage
+from ..engine.deepspeed import UnsupportedDeepSpeed
 from ..engine.heartbeat import Heartbeat, is_timeout
 from . import run_dir
 from .checkpoint import keep_trainable_only, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config, save_config
 from .evaluate import evaluate
 from .interrupt import StopRequest
+from .manifest import CheckpointError
 from .model import base_model, build_accelerator, check_quantization, check_targets, dist_timeout, load_tokenizer
-from .outputs import check_writable
+from .outputs import OutputError, check_writable
 from .resume import check_resume, identity
 from .summary import adapter_params, plot_rank_heatmap, rank_table, retained_fraction, serving_lines
+from .usage import recipe_usage
 
 
 class TrainingStopped(Exception):
@@ -59,13 +65,38 @@ class RankTimeout(RuntimeError):
     """A collective waited ``dist_timeout`` seconds for a rank that stopped responding."""
 
 
+# Mistakes in what the user gave (config, data, paths, checkpoints) and faults with a clear cause: one line, exit 2
+# (1 for a fault during training). The traceback only helps a developer: --debug (or SORA_DS_DEBUG=1) shows it.
+USER_ERRORS = (ConfigError, DataError, TargetError, CheckpointError, OutputError, UnsupportedDeepSpeed)
+
+
 def main(argv: list[str] | None = None, default_config: str | Path | None = None) -> dict:
-    """Entry point of the recipe scripts: ``--config``/overrides (or ``default_config``) -> train -> the summary."""
+    """Entry point of the recipe scripts: ``--config``/overrides (or ``default_config``) -> train -> the summary.
+    ``--help`` lists every key; errors are one line (``--debug`` for the traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        method = argv[argv.index("--method") + 1] if "--method" in argv[:-1] else None
+        script = os.path.relpath(sys.argv[0]) if sys.argv[0].endswith(".py") else "RECIPE.py"
+        print(recipe_usage(script, default_config, method))
+        raise SystemExit(0)
+    debug = "--debug" in argv or os.environ.get("SORA_DS_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
     try:
         return train(load_config(argv, default_config))[1]
     except TrainingStopped as e:
-        print(f"sora-ds: {e}", file=sys.stderr, flush=True)
+        _say(str(e))
         raise SystemExit(e.exit_code) from None
+    except (*USER_ERRORS, RankTimeout) as e:
+        if debug:
+            raise
+        _say(f"error: {e}" + ("" if isinstance(e, RankTimeout) else " (--debug shows the traceback)"))
+        raise SystemExit(1 if isinstance(e, RankTimeout) else 2) from None
+
+
+def _say(message: str) -> None:
+    """One line on stderr, with the rank when there are several (each rank says its own)."""
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"sora-ds: {rank}{message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -125,8 +156,8 @@ def train(cfg: TrainConfig, on_step=None):
                     record_stage(run, step)
                 if halt:
                     return run.plain, stop_early(run, done)
-                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
-                    checkpoint(run, done)
+                if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.max_steps):
+                    checkpoint(run, done)  # the last step too: a finished run can be continued with more steps
     except RuntimeError as e:
         if is_timeout(e):
             raise timeout_error(run, e) from e

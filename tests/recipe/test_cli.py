@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_export_from_checkpoint_and_from_run(run_dir, tmp_path, capsys):
-    ckpt = run_dir / "checkpoints" / "step-0000003"
+    ckpt = run_dir / "checkpoints" / "checkpoint-3"
     assert main(["export", str(ckpt), str(tmp_path / "a")]) == 0
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         assert (tmp_path / "a" / f).read_bytes() == (ckpt / "adapter" / f).read_bytes()

@@ -53,7 +53,7 @@ EXPORT_TARGETS = {
     "the-run": (lambda run, tmp: run, " is the input "),
     "its-parent": (lambda run, tmp: run.parent, " contains the input "),
     "its-adapter": (lambda run, tmp: run / "adapter", " is the input "),
-    "inside-a-checkpoint": (lambda run, tmp: run / "checkpoints" / "step-0000003" / "new", " is inside the input "),
+    "inside-a-checkpoint": (lambda run, tmp: run / "checkpoints" / "checkpoint-3" / "new", " is inside the input "),
     "a-file": (a_file, "is a file"),
     "a-symlink-to-the-run": (a_symlink_to_the_run, " is the input "),
 }

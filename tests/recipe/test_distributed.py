@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sora_ds.recipe.checkpoint import point_latest
 from tests.support import BNB_CPU_PATHS, REPO, free_port
 
 pytestmark = pytest.mark.distributed
@@ -160,20 +161,20 @@ def test_4bit_training_is_the_same_on_both_bnb_cpu_paths(runs):
 
 def test_zero3_checkpoint_is_complete_and_atomic(runs):
     ckpts = runs["zero3"] / "checkpoints"
-    assert (ckpts / "latest").read_text() == "step-0000004"
+    assert os.readlink(ckpts / "latest") == "checkpoint-8"  # the end of the run is saved too
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # no half-written folders left behind
-    state = json.loads((ckpts / "step-0000004" / "trainer_state.json").read_text())
+    state = json.loads((ckpts / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["step"] == 4
-    mid = load_file(ckpts / "step-0000004" / "adapter" / "adapter_model.safetensors")
+    mid = load_file(ckpts / "checkpoint-4" / "adapter" / "adapter_model.safetensors")
     assert all(t.numel() > 0 for t in mid.values())  # gathered, not the empty ZeRO-3 placeholders
 
 
 def test_zero3_resume_continues_exactly(runs, tmp_path):
     resumed = tmp_path / "resumed"
-    shutil.copytree(runs["zero3"], resumed)
-    for name in ("adapter", "summary.json"):
+    shutil.copytree(runs["zero3"], resumed, symlinks=True)
+    for name in ("adapter", "summary.json", "checkpoints/checkpoint-8"):  # back to how it was after step 4
         (shutil.rmtree if (resumed / name).is_dir() else os.remove)(resumed / name)
-    (resumed / "checkpoints" / "latest").write_text("step-0000004")
+    point_latest(resumed / "checkpoints", "checkpoint-4")
     run([ACCELERATE, "launch", "--config_file", "launch/accelerate/zero3.yaml", "--deepspeed_config_file", SHARDED,
          "--num_processes", "2", "--main_process_port", str(free_port()),
          *recipe_args(resumed, "--model_name_or_path", runs["base"], "--per_device_train_batch_size", "4",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -38,7 +39,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    """A finished 4-step run with a checkpoint at step 2 (the last step is the end: no checkpoint there)."""
+    """A finished 4-step run with checkpoints at steps 2 and 4 (the end is saved too)."""
     out = tmp_path_factory.mktemp("finished")
     run(out)
     return out
@@ -102,7 +103,7 @@ def test_bad_targets_or_data_fail_before_anything_is_written(tmp_path, extra, er
 @pytest.mark.parametrize(
     "extra, match",
     [
-        (["--learning_rate", "0.5"], r"^resume_from: learning_rate was 0.01 when checkpoint .*step-0000002 was saved "
+        (["--learning_rate", "0.5"], r"^resume_from: learning_rate was 0.01 when checkpoint .*checkpoint-4 was saved "
                                      r"and is 0.5 now; a resumed run must keep it \(the optimizer and scheduler"),
         (["--seed", "7"], r"^resume_from: seed was 42 .* is 7 now; .*builds the base model"),
         (["--r", "4"], r"^resume_from: r was 8 .* is 4 now"),
@@ -158,30 +159,30 @@ def test_allowed_max_steps_change_resumes_and_follows_the_new_length(copy_of):
 
 
 def test_rotation_keeps_other_lineages_and_the_newest(copy_of):
-    """Resume from step 2 of a run that went on to save step 4: step 4 belongs to the abandoned branch. It is
-    refused without overwrite_output_dir; with it, step 4 is replaced by this lineage's own, and rotation keeps
-    the newest of this lineage."""
+    """Resume from step 2 of a run that went on to save steps 4 and 6: those belong to the abandoned branch. They are
+    refused without overwrite_output_dir; with it they are removed, and rotation keeps the newest of this lineage."""
     out = copy_of()
     root = out / "checkpoints"
-    run(out, "--resume_from", "latest", "--max_steps", "6", "--resume_allow_changes", "[max_steps]")  # saves step 4
-    assert sorted(p.name for p in root.glob("step-*")) == ["step-0000002", "step-0000004"]
-    step2 = str(root / "step-0000002")
-    with pytest.raises(OutputError, match=r"not in the history of the one you resume .*: checkpoints/step-0000004"):
-        run(out, "--resume_from", step2, "--max_steps", "6", "--resume_allow_changes", "[max_steps]",
-            "--save_every", "1", "--save_total_limit", "2")
-    run(out, "--resume_from", step2, "--max_steps", "6", "--resume_allow_changes", "[max_steps]", "--save_every", "1",
-        "--save_total_limit", "2", "--overwrite_output_dir", "true")
-    assert sorted(p.name for p in root.glob("step-*")) == ["step-0000004", "step-0000005"]
-    assert (root / "latest").read_text() == "step-0000005"
-    verify_manifest(root / "step-0000005")
+    run(out, "--resume_from", "latest", "--max_steps", "6", "--resume_allow_changes", "[max_steps]")  # saves step 6
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    step2 = str(root / "checkpoint-2")
+    again = ["--resume_from", step2, "--max_steps", "6", "--resume_allow_changes", "[max_steps]", "--save_every", "1",
+             "--save_total_limit", "2"]
+    with pytest.raises(OutputError, match=r"not in the history of the one you resume .*: checkpoints/checkpoint-4, "
+                                          r"checkpoints/checkpoint-6"):
+        run(out, *again)
+    run(out, *again, "--overwrite_output_dir", "true")
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
+    assert os.readlink(root / "latest") == "checkpoint-6"
+    verify_manifest(root / "checkpoint-6")
 
 
 def test_rotate_deletes_only_checkpoints_of_its_run(tmp_path):
-    for name, run_id in (("step-0000001", "a"), ("step-0000002", "b"), ("step-0000003", "a"), ("step-0000004", "a")):
+    for name, run_id in (("checkpoint-1", "a"), ("checkpoint-2", "b"), ("checkpoint-3", "a"), ("checkpoint-4", "a")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "trainer_state.json").write_text(json.dumps({"run_id": run_id}))
-    rotate(tmp_path, ["step-0000001", "step-0000002", "step-0000003", "step-0000004"], keep=1, run_id="a")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000002", "step-0000004"]
+    rotate(tmp_path, ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"], keep=1, run_id="a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
 # ---------------------------------------------------------------- the manifest
@@ -200,7 +201,7 @@ class _Payload:
 @pytest.mark.parametrize("attack", ["crafted_pickle", "symlink", "missing", "extra", "no_manifest"])
 def test_a_modified_checkpoint_is_refused_before_anything_is_unpickled(copy_of, tmp_path, attack):
     out = copy_of()
-    ckpt = out / "checkpoints" / "step-0000002"
+    ckpt = out / "checkpoints" / "checkpoint-4"
     marker = tmp_path / "pwned"
     pickled = sorted(p for p in ckpt.iterdir() if p.suffix in (".bin", ".pkl", ".pt"))[0]
     if attack == "crafted_pickle":
@@ -239,3 +240,18 @@ def test_a_run_that_prunes_every_rank_stops_at_once_and_writes_its_summary(tmp_p
     assert summary["steps"] < 50 and metrics(out)[-1]["step"] == summary["steps"]
     assert metrics(out)[-1]["active_ranks"] == 0
     assert not (out / "adapter").exists()
+
+
+def test_outputs_follow_the_umask_and_latest_is_a_path_tools_open(finished, tmp_path):
+    """Folders and files a run writes are readable by others under the usual umask (022), not 0700/0600; `latest`
+    is a link, so `checkpoints/latest/adapter` opens in any tool and `sora-ds export` takes it."""
+    from sora_ds.recipe.cli import main as sora_ds
+
+    for path in [finished / "adapter", *(finished / "adapter").iterdir(), finished / "checkpoints" / "checkpoint-4",
+                 *(finished / "checkpoints" / "checkpoint-4").iterdir()]:
+        assert path.stat().st_mode & 0o044 == 0o044, f"{path} is {oct(path.stat().st_mode)}"
+    latest = finished / "checkpoints" / "latest"
+    assert latest.is_symlink() and (latest / "adapter" / "adapter_config.json").is_file()
+    assert sora_ds(["export", str(latest), str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "adapter_model.safetensors").read_bytes() == \
+        (finished / "checkpoints" / "checkpoint-4" / "adapter" / "adapter_model.safetensors").read_bytes()

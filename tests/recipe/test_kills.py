@@ -60,12 +60,12 @@ def kill_when_frozen(tmp_path: Path, target: str, n: int, entry: str, *args: str
 def test_kill_9_during_a_checkpoint_save_keeps_the_last_one_and_resumes_exactly(tmp_path):
     out, ref = tmp_path / "out", tmp_path / "ref"
     args = ["--max_steps", "6", *SHORT]
-    # Frozen after the second save wrote its manifest into .step-0000004.tmp, before the rename that publishes it.
+    # Frozen after the second save wrote its manifest into .checkpoint-4.tmp, before the rename that publishes it.
     kill_when_frozen(tmp_path, "sora_ds.recipe.checkpoint:write_manifest", 2, "recipe", *args, "--output_dir", str(out))
     root = out / "checkpoints"
-    assert (root / "latest").read_text() == "step-0000002" and not (root / "step-0000004").exists()
-    assert (root / ".step-0000004.tmp").is_dir()  # what a kill leaves; the next run removes it
-    verify_manifest(root / "step-0000002")
+    assert os.readlink(root / "latest") == "checkpoint-2" and not (root / "checkpoint-4").exists()
+    assert (root / ".checkpoint-4.tmp").is_dir()  # what a kill leaves; the next run removes it
+    verify_manifest(root / "checkpoint-2")
     train(load_config([*args, "--output_dir", str(out), "--resume_from", "latest"], SORA_DEMO))
     assert not list(root.glob(".*.tmp"))
     train(load_config([*args, "--output_dir", str(ref)], SORA_DEMO))
@@ -79,7 +79,7 @@ def test_kill_9_during_the_final_export_keeps_the_previous_adapter(tmp_path):
     resume = ["--max_steps", "6", *SHORT, "--save_every", "0", "--output_dir", str(out), "--resume_from", "latest",
               "--resume_allow_changes", "[max_steps]"]
     # atomic_dir's fsync runs after the body wrote everything, before the renames: call 1 is base_model/, 2 adapter/.
-    kill_when_frozen(tmp_path, "sora_ds.engine.atomic:_fsync_tree", 2, "recipe", *resume)
+    kill_when_frozen(tmp_path, "sora_ds.engine.atomic:publish", 2, "recipe", *resume)
     assert snapshot(out / "adapter") == before
     assert list(out.glob(".adapter.tmp-*"))
     train(load_config(resume, SORA_DEMO))
@@ -101,7 +101,7 @@ def test_kill_9_during_sora_ds_export_or_merge_leaves_the_old_destination(finish
     before = snapshot(dest)
     args = (["export", str(finished), str(dest), "--overwrite"] if command == "export" else
             ["merge", "--base", str(finished / "base_model"), "--adapter", str(finished), str(dest), "--overwrite"])
-    kill_when_frozen(tmp_path, "sora_ds.engine.atomic:_fsync_tree", 1, "cli", *args)
+    kill_when_frozen(tmp_path, "sora_ds.engine.atomic:publish", 1, "cli", *args)
     assert snapshot(dest) == before
 
 
@@ -117,8 +117,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "Traceback" not in err
     step = metrics(out)[-1]["step"]
     assert f"SIGINT: stopped after step {step}; checkpoint " in err
-    name = f"step-{step:07d}"
-    assert (out / "checkpoints" / "latest").read_text() == name
+    name = f"checkpoint-{step}"
+    assert os.readlink(out / "checkpoints" / "latest") == name
     verify_manifest(out / "checkpoints" / name)
     summary = train(load_config(["--max_steps", str(step + 2), "--log_every", "1", "--eval_every", "0", "--output_dir",
                                  str(out), "--resume_from", "latest", "--resume_allow_changes", "[max_steps]"],
@@ -151,9 +151,9 @@ def test_disk_full_during_a_checkpoint_names_the_path_and_the_free_space(tmp_pat
     # 640 KiB: room for the base model (~450 KiB) and the logs, not for a checkpoint (~260 KiB).
     rc, err, left = _in_private_mount(tmp_path, "size=640k", "--max_steps", "4", *SHORT, "--output_dir",
                                       str(tmp_path / "mnt" / "out"))
-    assert rc == 1, err[-3000:]
-    last = next(line for line in err.splitlines() if "Error" in line and "step 2" in line)
-    assert "OutputError: checkpoint at step 2: writing " in last and "failed: disk full" in last, last
+    assert rc == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("sora-ds: error: checkpoint at step 2: writing ") and "failed: disk full" in last, last
     assert "free on its filesystem" in last
     assert left == []  # the failed save removed its temporary folder; no checkpoint, no `latest`
 
@@ -161,8 +161,9 @@ def test_disk_full_during_a_checkpoint_names_the_path_and_the_free_space(tmp_pat
 def test_read_only_output_folder_is_refused_before_training(tmp_path):
     _unshare_or_skip()
     rc, err, _ = _in_private_mount(tmp_path, "ro", "--max_steps", "4", "--output_dir", str(tmp_path / "mnt" / "out"))
-    assert rc == 1
-    assert "OutputError" in err and "cannot create a file in" in err and "Read-only" in err
+    assert rc == 2
+    assert "sora-ds: error: " in err and "cannot create a file in" in err and "Read-only" in err
+    assert "Traceback" not in err
     assert "sora:" not in err  # no progress bar: refused before the first step
 
 
@@ -186,8 +187,8 @@ def test_ctrl_c_on_two_ranks_stops_both_after_the_same_step_with_one_checkpoint(
     assert len(stops) == 2 and stops[0] == stops[1], log.read_text()[-3000:]
     step = int(stops[0][0])
     assert metrics(out)[-1]["step"] == step
-    assert (out / "checkpoints" / "latest").read_text() == f"step-{step:07d}"
-    verify_manifest(out / "checkpoints" / f"step-{step:07d}")
+    assert os.readlink(out / "checkpoints" / "latest") == f"checkpoint-{step}"
+    verify_manifest(out / "checkpoints" / f"checkpoint-{step}")
 
 
 @pytest.mark.parametrize("stopped", [0, 1])

@@ -99,22 +99,22 @@ def test_crash_mid_checkpoint_keeps_last_good_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt, "export_peft", failing_export)
     args = ["--max_steps", "6", "--save_every", "2", "--log_every", "1", "--output_dir", str(tmp_path)]
-    with pytest.raises(OutputError, match=r"^checkpoint at step 4: writing .*step-0000004.tmp failed: disk full"):
+    with pytest.raises(OutputError, match=r"^checkpoint at step 4: writing .*checkpoint-4.tmp failed: disk full"):
         train(load_config(args, SORA_DEMO))
     root = tmp_path / "checkpoints"
     assert not list(root.glob(".*.tmp"))  # the failed save cleaned up after itself
-    assert (root / "latest").read_text() == "step-0000002"
-    assert not (root / "step-0000004").exists()
-    assert json.loads((root / "step-0000002" / "trainer_state.json").read_text())["step"] == 2
-    assert (root / "step-0000002" / "adapter" / "adapter_model.safetensors").is_file()
+    assert os.readlink(root / "latest") == "checkpoint-2"
+    assert not (root / "checkpoint-4").exists()
+    assert json.loads((root / "checkpoint-2" / "trainer_state.json").read_text())["step"] == 2
+    assert (root / "checkpoint-2" / "adapter" / "adapter_model.safetensors").is_file()
 
     monkeypatch.setattr(ckpt, "export_peft", real_export)
     _, resumed = train(load_config([*args, "--resume_from", "latest", "--save_total_limit", "1"], SORA_DEMO))
     assert resumed["steps"] == 6
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
-    # save_total_limit 1: the step-4 checkpoint replaced step 2 once it was complete (step 6 is the end: no save)
-    assert sorted(p.name for p in root.glob("step-*")) == ["step-0000004"]
-    assert (root / "latest").read_text() == "step-0000004"
+    # save_total_limit 1: each new checkpoint replaced the previous one once it was complete; the end is saved too
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert os.readlink(root / "latest") == "checkpoint-6"
 
 
 def test_staged_sparsifying_scheduler_records_each_stage(tmp_path):
