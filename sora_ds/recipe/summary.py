@@ -65,7 +65,8 @@ def serving_lines(serving: dict) -> str:
 
 
 def plot_rank_heatmap(report: dict[str, dict[str, int]], path: str | Path) -> None:
-    """Layers (rows) x module kinds (columns), colour and label = kept rank."""
+    """Layers (rows) x module kinds (columns), colour and label = kept rank; the colour scale runs from 0 to the
+    initial rank (not the largest kept one), so two runs of the same r compare by colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +93,7 @@ def plot_rank_heatmap(report: dict[str, dict[str, int]], path: str | Path) -> No
         if not np.isnan(v):
             ax.text(j, i, int(v), ha="center", va="center", color="white" if v < r_max / 2 else "black", fontsize=8)
     fig.colorbar(im, ax=ax, label="kept rank")
-    ax.set_title("kept ranks per module")
+    ax.set_title(f"kept ranks per module (colour: 0 to the initial rank {r_max:g})")  # same scale in every run
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
