@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,17 @@ def _say(message: str) -> None:
 
 
 @dataclass
+class Window:
+    """The steps since the last metrics record: summed loss and tokens (all ranks), the last gradient norm."""
+
+    loss: float = 0.0
+    steps: int = 0
+    tokens: float = 0.0
+    grad_norm: float = math.nan  # before clipping; NaN where the engine does not report it
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
 class Run:
     """The state the phases share."""
 
@@ -125,7 +137,7 @@ class Run:
     stop_requested: bool = False  # on any rank, after the last step (shared in the step's reduction)
     all_pruned: bool = False  # SoRA: no gate is non-zero on any rank after the last step
     started_training: float = 0.0  # set when the first step is about to run
-    window: list = field(default_factory=lambda: [0.0, 0])  # loss sum and steps since the last log line
+    window: Window = field(default_factory=lambda: Window())  # what the next metrics record averages
     bar: Any = None
 
     @property
@@ -251,6 +263,7 @@ def start(cfg: TrainConfig) -> Run:
     open_logs(run, resumed=resume is not None)
     model.train()
     run.started_training = time.perf_counter()
+    run.window = Window()  # tokens/s counts training time only
     return run
 
 
@@ -312,22 +325,30 @@ def optimizer_step(run: Run, step: int) -> None:
             loss = model(**batch, num_items_in_batch=n_items).loss
             # The penalties are per optimizer step: backward's 1/accumulation and the ranks' mean undo each other.
             accelerator.backward(loss * undo_means + gate_l1_penalty(run.plain, cfg.gate_l1) + orth_loss(run.plain, orth_weight))
-            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
+            if accelerator.sync_gradients:  # max_grad_norm 0: measured, not clipped (scaling by 1 changes nothing)
+                norm = accelerator.clip_grad_norm_(run.trainable, cfg.max_grad_norm or math.inf)
+                run.window.grad_norm = float(norm) if norm is not None else math.nan
             run.optimizer.step()
             run.lr_scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
         step_loss += loss.detach().float()
-    # One reduction for three things: the loss, whether any rank was asked to stop, and (SoRA) how many gates are
-    # still non-zero on any rank's shard, so that every rank takes the same decision after the same step.
-    shared = torch.stack([step_loss, torch.tensor(float(run.stop.requested), device=accelerator.device),
-                          _live_gates(run).to(accelerator.device)])
-    loss_sum, stops, live = accelerator.reduce(shared, reduction="sum").tolist()
+    # One reduction for four things: the loss, the tokens seen, whether any rank was asked to stop, and (SoRA) how
+    # many gates are still non-zero on any rank's shard, so that every rank takes the same decision after the step.
+    tokens = sum(_tokens(b) for b in micro)
+    shared = torch.tensor([float(tokens), float(run.stop.requested), float(_live_gates(run))], device=accelerator.device)
+    loss_sum, tokens, stops, live = accelerator.reduce(torch.cat([step_loss.reshape(1), shared]), reduction="sum").tolist()
     run.stop_requested, run.all_pruned = stops > 0, cfg.sparsity is not None and live == 0
-    run.window[0] += loss_sum
-    run.window[1] += 1
+    run.window.loss += loss_sum
+    run.window.tokens += tokens
+    run.window.steps += 1
     run.progress["step"], run.progress["micro_batches"] = step + 1, run.progress["micro_batches"] + len(micro)
     run.bar.update(1)
+
+
+def _tokens(batch: dict) -> int:
+    """Real (non-padding) tokens of a batch: its attention mask, or every position of a packed row."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def _live_gates(run: Run) -> torch.Tensor:
@@ -340,15 +361,20 @@ def _live_gates(run: Run) -> torch.Tensor:
 
 
 def log(run: Run, done: int) -> None:
-    """One line of ``metrics.jsonl`` and the trackers: mean loss since the last line, lr, lambda or budget, ranks."""
-    cfg, accelerator = run.cfg, run.accelerator
-    record = {"step": done, "loss": run.window[0] / run.window[1], "lr": run.lr_scheduler.get_last_lr()[0]}
+    """One line of ``metrics.jsonl`` and the trackers: mean loss since the last line, lr, gradient norm, tokens/s
+    (all ranks), lambda or budget, ranks, and the wall-clock time."""
+    cfg, accelerator, w = run.cfg, run.accelerator, run.window
+    elapsed = time.perf_counter() - w.started
+    norm = None if math.isnan(w.grad_norm) else w.grad_norm  # JSON has no NaN
+    record = {"step": done, "loss": w.loss / w.steps, "lr": run.lr_scheduler.get_last_lr()[0], "grad_norm": norm,
+              "tokens_per_s": w.tokens / elapsed if elapsed > 0 else math.nan,
+              "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if cfg.sparsity is None:
         record["budget"] = adalora_budget(run.optimizer)
     else:
         record["lambda"] = cfg.sparsity(done - 1)
     record["active_ranks"] = sum(r["kept"] for r in rank_report(run.plain).values())
-    run.window[:] = [0.0, 0]
+    run.window = Window()
     if cfg.eval_every and run.eval_dl is not None and done % cfg.eval_every == 0:
         record["eval_loss"] = evaluate(run.model, run.eval_dl, accelerator)["loss"]
     run.bar.set_postfix(loss=f"{record['loss']:.3f}", ranks=record["active_ranks"])

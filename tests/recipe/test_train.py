@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 import torch
@@ -39,6 +40,10 @@ def test_default_recipe_matches_checked_in_losses(tmp_path):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-4)
     for key in ("step", "loss", "lr", "lambda", "active_ranks"):
         assert key in metrics(tmp_path)[0]
+    # grad norm before clipping, tokens/s over all ranks, and the wall-clock time of every record
+    first = metrics(tmp_path)[0]
+    assert first["grad_norm"] > 0 and first["tokens_per_s"] > 0
+    assert datetime.fromisoformat(first["time"]).tzinfo is not None
 
 
 def test_default_recipe_prunes_and_exports_loadable_adapter(tmp_path):
