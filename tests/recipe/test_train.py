@@ -177,7 +177,7 @@ def keep_half_run(tmp_path_factory):
 
 def test_keep_fraction_reaches_its_target_by_the_end_of_the_ramp(keep_half_run):
     """keep_fraction 0.5 over a 40-step linear ramp on the demo (112 gate entries): lambda is steered from the
-    measured kept fraction, which tracks the target and ends on it (measured: 56 of 112 kept, at most 0.05 off
+    measured kept fraction, which tracks the target and ends on it (measured: 56 of 112 kept, at most 0.052 off
     along the way)."""
     out, summary = keep_half_run
     records = metrics(out)
