@@ -12,6 +12,13 @@ With ``sparsify_stages = S > 0`` the ramp becomes a staircase of S equal stages 
 scheduler): stage k of S holds the ramp's value at fraction k / (S - 1), so stage 0 is ``lambda_start`` and the
 last stage is ``sparse_lambda``. :class:`StageRecorder` keeps, per stage, the non-zero adapter parameters and the
 memorization / generalization ratios.
+
+With ``keep_fraction = k`` lambda is not scheduled but steered (:meth:`LambdaSchedule.next_lambda`): the ramp shape
+is applied to the *kept fraction of gate entries* instead, from 1.0 at step 0 to ``k`` at ``lambda_ramp_steps``
+(a ramp is required: a jump to the target overshoots), and after every step lambda is multiplied by
+``exp(KEEP_GAIN * (kept - target))`` (at most ``e^KEEP_MAX_STEP`` either way), starting from ``sparse_lambda``.
+Worked example, ``k = 0.5``, linear ramp of 40 steps: after step 20 the target is 0.75; measuring 0.78 kept raises
+lambda by ``e^(10 * 0.03)`` = 1.35x, measuring 0.72 lowers it by the same factor.
 """
 
 from __future__ import annotations
@@ -23,6 +30,12 @@ from .errors import ConfigError
 
 LAMBDA_SCHEDULES = ("constant", "linear", "loglinear", "exp")
 _EXP_RATE = 5.0  # shape of the saturating "exp" ramp: ~92% of the rise by mid-ramp
+# keep_fraction's controller: lambda changes by e^(KEEP_GAIN * error) per step, the error being kept - target in
+# fractions of all gate entries, and stays within KEEP_RANGE times sparse_lambda (a bounded climb back either way).
+KEEP_GAIN = 10.0
+KEEP_MAX_STEP = 0.5  # at most e^0.5 = 1.65x per step: gates die some steps after lambda rises, so a large error
+# met at full gain would overshoot (measured on the CPU demo: a wave of deaths, then lambda swinging)
+KEEP_RANGE = 1e3
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,7 @@ class LambdaSchedule:
     lambda_start: float = 0.0  # lambda at step 0 of a ramp
     lambda_ramp_steps: int | None = None  # None: not set (the recipe sets it to max_steps)
     sparsify_stages: int = 0  # >= 2: lambda rises in that many equal steps, each stage's scores recorded
+    keep_fraction: float | None = None  # None: lambda follows the schedule; else the fraction of gate entries to keep
 
     def __post_init__(self) -> None:
         if self.lambda_schedule not in LAMBDA_SCHEDULES:
@@ -43,18 +57,40 @@ class LambdaSchedule:
         if ramped and (self.lambda_ramp_steps or 0) < 1:
             raise self.error("lambda_ramp_steps", f"must be >= 1 for lambda_schedule={self.lambda_schedule!r} / "
                              f"sparsify_stages={self.sparsify_stages}, got {self.lambda_ramp_steps}")
-        if self.lambda_schedule == "loglinear" and self.lambda_start <= 0:
+        if self.keep_fraction is not None:
+            self._check_keep_fraction()
+        elif self.lambda_schedule == "loglinear" and self.lambda_start <= 0:
             raise self.error("lambda_start", f"must be > 0 for lambda_schedule='loglinear', got {self.lambda_start}")
         if self.sparsify_stages < 0 or self.sparsify_stages == 1:
             raise self.error("sparsify_stages", f"must be 0 (off) or >= 2, got {self.sparsify_stages}")
         if self.sparsify_stages > (self.lambda_ramp_steps or 0) > 0:
             raise self.error("sparsify_stages", f"={self.sparsify_stages} exceeds lambda_ramp_steps={self.lambda_ramp_steps}")
 
+    def _check_keep_fraction(self) -> None:
+        if not 0 < self.keep_fraction <= 1:
+            raise self.error("keep_fraction", f"must be in (0, 1] (the fraction of gate entries to keep), got "
+                             f"{self.keep_fraction}")
+        if self.sparse_lambda <= 0:
+            raise self.error("sparse_lambda", "must be > 0 with keep_fraction: it is the controller's first lambda, "
+                             "which it scales up or down")
+        if self.lambda_schedule == "constant":
+            raise self.error("lambda_schedule", "='constant' gives keep_fraction no ramp to follow (jumping to the "
+                             "target kills ranks in a wave and lambda swings); choose linear (the usual), exp or "
+                             "loglinear")
+        if self.lambda_start != 0:
+            raise self.error("lambda_start", f"={self.lambda_start} has no role with keep_fraction (the target ramps "
+                             "from keeping everything; lambda starts at sparse_lambda); leave it out")
+        if self.sparsify_stages:
+            raise self.error("sparsify_stages", "steps lambda through fixed levels, and keep_fraction steers lambda "
+                             "itself: use one or the other")
+
     def error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(key, problem, type(self).__name__)
 
-    def _ramp(self, frac: float) -> float:
-        lo, hi = self.lambda_start, self.sparse_lambda
+    def _ramp(self, frac: float, lo: float | None = None, hi: float | None = None) -> float:
+        """The schedule's shape between ``lo`` (frac 0) and ``hi`` (frac 1); lambda's own endpoints by default."""
+        lo = self.lambda_start if lo is None else lo
+        hi = self.sparse_lambda if hi is None else hi
         if self.lambda_schedule == "linear":
             return lo + (hi - lo) * frac
         if self.lambda_schedule == "loglinear":
@@ -81,11 +117,30 @@ class LambdaSchedule:
 
     def __call__(self, step: int) -> float:
         """lambda for optimizer step ``step`` (0-based)."""
+        if self.keep_fraction is not None:
+            raise ValueError("with keep_fraction lambda depends on the ranks kept so far: start from sparse_lambda "
+                             "and call next_lambda after each step")
         if self.lambda_schedule == "constant" and not self.sparsify_stages:
             return self.sparse_lambda
         if self.sparsify_stages:
             return self._ramp(self.stage(step) / (self.sparsify_stages - 1))
         return self._ramp(min(step / self.lambda_ramp_steps, 1.0))
+
+
+    def target_keep(self, done: int) -> float:
+        """The fraction of gate entries the run should keep after ``done`` optimizer steps (with ``keep_fraction``)."""
+        return self._ramp(min(done / self.lambda_ramp_steps, 1.0), 1.0, self.keep_fraction)
+
+    def next_lambda(self, current: float, done: int, kept: float) -> float:
+        """lambda for the step after ``done`` steps, from the ``current`` one and the fraction of gate entries
+        ``kept`` (non-zero) now: raised while more is kept than :meth:`target_keep`, lowered while less is.
+
+        Lowering lambda also lets pruned ranks come back: a zero gate still gets a gradient (through its rank's
+        A row and B column, which stay as they were), and once the AdamW move exceeds ``tau`` it is non-zero again.
+        """
+        step = math.exp(min(max(KEEP_GAIN * (kept - self.target_keep(done)), -KEEP_MAX_STEP), KEEP_MAX_STEP))
+        lo, hi = self.sparse_lambda / KEEP_RANGE, self.sparse_lambda * KEEP_RANGE
+        return min(max(current * step, lo), hi)
 
 
 @dataclass

@@ -85,6 +85,15 @@ def local_shard(param: nn.Parameter) -> torch.Tensor:
     return param.ds_tensor if is_partitioned(param) else param.data
 
 
+def local_numel(param: nn.Parameter) -> int:
+    """How many of ``param``'s elements :func:`local_shard` holds (its zero padding left out): summed over the ranks
+    this is ``numel`` once under ZeRO-3 and once per rank otherwise, the denominator for counts over shards."""
+    if not is_partitioned(param):
+        return param.numel()
+    size = param.partition_numel()
+    return max(0, min(size, param.ds_numel - dist.get_rank(group=param.ds_process_group) * size))
+
+
 Fragment = tuple[torch.Tensor, int, int, int]  # (stepped tensor, offset in it, offset in flattened p, count)
 
 

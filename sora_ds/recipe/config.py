@@ -273,7 +273,8 @@ def key_owner(key: str, method: str) -> type:
     if key in _field_names(LambdaSchedule):
         if method == "sora":
             return LambdaSchedule
-        raise ConfigError(key, f"is a SoRA key (LambdaSchedule); with method: {method} leave it out")
+        raise ConfigError(key, f"is a SoRA key (LambdaSchedule); with method: {method} leave it out (AdaLoRA's "
+                          "budget is target_r, reached by its schedule t_init, t_final)")
     for other, cls in ADAPTER_CONFIGS.items():
         if key in _field_names(cls):
             raise ConfigError(key, f"belongs to {cls.__name__}; with method: {method} leave it out (or set method: {other})")

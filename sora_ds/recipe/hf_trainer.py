@@ -51,6 +51,9 @@ class AdapterTrainerMixin:
                  gate_learning_rate: float | None = None, **kwargs):
         if not isinstance(sora_schedule, LambdaSchedule):
             sora_schedule = LambdaSchedule(sparse_lambda=float(sora_schedule))
+        if sora_schedule.keep_fraction is not None:
+            raise ValueError("sora_schedule.keep_fraction is supported by the sora-ds recipe only (it steers lambda "
+                             "from the kept ranks after every step); here give sparse_lambda and a lambda_schedule")
         self.sora_schedule = sora_schedule
         self.sora_threshold_mode = threshold_mode
         self.sora_gate_learning_rate = gate_learning_rate

@@ -38,7 +38,7 @@ from ..data.batches import EpochSampler, micro_batches, supervised_tokens
 from ..data.chat import build_datasets, collate
 from ..data.fingerprint import dataset_fingerprint
 from ..data.records import DataError
-from ..engine import check_deepspeed_internals, local_shard, sharding_report, zero_stage
+from ..engine import check_deepspeed_internals, local_numel, local_shard, sharding_report, zero_stage
 from ..engine.deepspeed import UnsupportedDeepSpeed
 from ..engine.heartbeat import Heartbeat, is_timeout
 from . import run_dir
@@ -126,7 +126,7 @@ class Run:
     eval_dl: DataLoader | None
     mem_dl: DataLoader  # a slice of the training data: the memorization score of each sparsity stage
     shapes: dict[str, tuple[int, int]]  # (in, out) features of every adapted layer
-    progress: dict  # step, micro_batches, stages: saved in checkpoints
+    progress: dict  # step, micro_batches, stages, lambda (keep_fraction's controller): saved in checkpoints
     stages: StageRecorder
     started: float
     trainable: list  # the prepared model's trainable parameters (what is clipped)
@@ -136,6 +136,8 @@ class Run:
     heartbeat: Heartbeat | None = None
     stop_requested: bool = False  # on any rank, after the last step (shared in the step's reduction)
     all_pruned: bool = False  # SoRA: no gate is non-zero on any rank after the last step
+    step_lambda: float | None = None  # SoRA: the lambda of the last step
+    kept_fraction: float | None = None  # SoRA: non-zero gate entries over all of them, on all ranks, after the last step
     started_training: float = 0.0  # set when the first step is about to run
     window: Window = field(default_factory=lambda: Window())  # what the next metrics record averages
     bar: Any = None
@@ -250,10 +252,12 @@ def start(cfg: TrainConfig) -> Run:
     check_deepspeed_internals(trainable, zero_stage(accelerator))
     eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
     mem_dl = accelerator.prepare(mem_dl)
-    progress = {"step": 0, "micro_batches": 0, "stages": [], "run_id": uuid.uuid4().hex, "checkpoints": []}
+    progress = {"step": 0, "micro_batches": 0, "stages": [], "run_id": uuid.uuid4().hex, "checkpoints": [],
+                "lambda": first_lambda(cfg) if steered(cfg) else None}
     if resume is not None:
         load_checkpoint(accelerator, resume)
-        progress = {k: saved[k] for k in progress}
+        # A 0.3 checkpoint has no "lambda"; it cannot be of a keep_fraction run (the key is newer), so None is right.
+        progress = {k: saved.get(k, v) if k == "lambda" else saved[k] for k, v in progress.items()}
         accelerator.print(f"resumed from {resume} at step {progress['step']}")
     run = Run(cfg=cfg, accelerator=accelerator, out=out, plain=plain, model=model, optimizer=optimizer,
               lr_scheduler=lr_scheduler, batches=micro_batches(train_dl, progress["micro_batches"]), eval_dl=eval_dl,
@@ -267,13 +271,25 @@ def start(cfg: TrainConfig) -> Run:
     return run
 
 
-def build_optimizer_and_schedule(cfg: TrainConfig, model: nn.Module):
+def steered(cfg: TrainConfig) -> bool:
+    """SoRA with keep_fraction: lambda comes from the controller, whose state (``progress["lambda"]``) is saved."""
+    return cfg.sparsity is not None and cfg.sparsity.keep_fraction is not None
+
+
+def first_lambda(cfg: TrainConfig) -> float | None:
+    """SoRA's lambda at step 0: the schedule's, or keep_fraction's starting point (None for AdaLoRA)."""
     lambdas = cfg.sparsity
+    if lambdas is None:
+        return None
+    return lambdas.sparse_lambda if steered(cfg) else lambdas(0)
+
+
+def build_optimizer_and_schedule(cfg: TrainConfig, model: nn.Module):
     optimizer = build_optimizer(
         model,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
-        sparse_lambda=lambdas(0) if lambdas is not None else 0.0,
+        sparse_lambda=first_lambda(cfg) or 0.0,
         threshold_mode=cfg.threshold_mode,
         gate_learning_rate=cfg.gate_learning_rate,
     )
@@ -311,8 +327,10 @@ def open_logs(run: Run, resumed: bool) -> None:
 def optimizer_step(run: Run, step: int) -> None:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
     cfg, accelerator, model = run.cfg, run.accelerator, run.model
-    if cfg.sparsity is not None:
-        set_sparse_lambda(run.optimizer, cfg.sparsity(step))
+    lambdas = cfg.sparsity
+    if lambdas is not None:
+        run.step_lambda = run.progress["lambda"] if steered(cfg) else lambdas(step)
+        set_sparse_lambda(run.optimizer, run.step_lambda)
     micro = [next(run.batches) for _ in range(cfg.gradient_accumulation_steps)]
     # Normalise by the supervised tokens of the whole optimizer step on all ranks, so the gradient is the same
     # token mean whatever the process count or accumulation (DDP/ZeRO average over ranks, backward over micro).
@@ -332,12 +350,18 @@ def optimizer_step(run: Run, step: int) -> None:
             run.lr_scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
         step_loss += loss.detach().float()
-    # One reduction for four things: the loss, the tokens seen, whether any rank was asked to stop, and (SoRA) how
-    # many gates are still non-zero on any rank's shard, so that every rank takes the same decision after the step.
+    # One reduction for everything the ranks must agree on after the step: the loss, the tokens seen, whether any
+    # rank was asked to stop, and (SoRA) how many gate entries are non-zero on the ranks' shards out of how many they
+    # hold, so that every rank takes the same decision (and keep_fraction's controller the same lambda).
     tokens = sum(_tokens(b) for b in micro)
-    shared = torch.tensor([float(tokens), float(run.stop.requested), float(_live_gates(run))], device=accelerator.device)
-    loss_sum, tokens, stops, live = accelerator.reduce(torch.cat([step_loss.reshape(1), shared]), reduction="sum").tolist()
-    run.stop_requested, run.all_pruned = stops > 0, cfg.sparsity is not None and live == 0
+    own = torch.tensor([float(tokens), float(run.stop.requested)], device=accelerator.device)
+    shared = torch.cat([step_loss.reshape(1), own, _gate_counts(run).to(accelerator.device)])
+    loss_sum, tokens, stops, live, held = accelerator.reduce(shared, reduction="sum").tolist()
+    run.stop_requested, run.all_pruned = stops > 0, lambdas is not None and live == 0
+    if lambdas is not None:
+        run.kept_fraction = live / held
+        if steered(cfg):
+            run.progress["lambda"] = lambdas.next_lambda(run.step_lambda, step + 1, run.kept_fraction)
     run.window.loss += loss_sum
     run.window.tokens += tokens
     run.window.steps += 1
@@ -351,13 +375,15 @@ def _tokens(batch: dict) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def _live_gates(run: Run) -> torch.Tensor:
-    """Non-zero SoRA gate entries on this rank (its ZeRO-3 shards: no gather); -1 for AdaLoRA, which cannot prune
-    every rank (its budget keeps target_r per matrix on average)."""
+def _gate_counts(run: Run) -> torch.Tensor:
+    """``[non-zero, held]`` SoRA gate entries on this rank (its ZeRO-3 shards: no gather; the padding of a shard is
+    not held); ``[-1, -1]`` for AdaLoRA, which cannot prune every rank (its budget keeps target_r per matrix on
+    average). Summed over the ranks, non-zero / held is the kept fraction with or without ZeRO-3."""
     if run.cfg.sparsity is None:
-        return torch.tensor(-1.0)
+        return torch.tensor([-1.0, -1.0])
     gates = [m.gate for _, m in adapter_layers(run.plain) if m.gate is not None]
-    return sum(((local_shard(g) != 0).sum().cpu() for g in gates), torch.zeros(())).float()
+    live = sum(int((local_shard(g) != 0).sum()) for g in gates)
+    return torch.tensor([float(live), float(sum(local_numel(g) for g in gates))])
 
 
 def log(run: Run, done: int) -> None:
@@ -372,7 +398,10 @@ def log(run: Run, done: int) -> None:
     if cfg.sparsity is None:
         record["budget"] = adalora_budget(run.optimizer)
     else:
-        record["lambda"] = cfg.sparsity(done - 1)
+        record["lambda"] = run.step_lambda
+        record["kept_fraction"] = run.kept_fraction
+        if steered(cfg):
+            record["target_keep"] = cfg.sparsity.target_keep(done)
     record["active_ranks"] = sum(r["kept"] for r in rank_report(run.plain).values())
     run.window = Window()
     if cfg.eval_every and run.eval_dl is not None and done % cfg.eval_every == 0:
@@ -438,6 +467,8 @@ def finish(run: Run, stopped: str | None = None) -> dict:
         "kept_ranks": {n: r["kept"] for n, r in report.items()},
         "total_initial_ranks": sum(r["initial"] for r in report.values()),
         "total_kept_ranks": sum(r["kept"] for r in report.values()),
+        "keep_fraction": cfg.sparsity.keep_fraction if cfg.sparsity is not None else None,
+        "kept_fraction": sum(r["kept"] for r in report.values()) / sum(r["initial"] for r in report.values()),
         "retained_adapter_param_fraction": retained_fraction(report, run.shapes),
         "final_eval_loss": final["loss"],
         "final_eval_token_accuracy": final["token_accuracy"],

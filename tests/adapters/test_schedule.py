@@ -213,6 +213,24 @@ def test_invalid_configs_name_the_field(kwargs, field):
         LambdaSchedule(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(keep_fraction=0.0), r"^LambdaSchedule\.keep_fraction must be in \(0, 1\]"),
+        (dict(keep_fraction=1.5), r"^LambdaSchedule\.keep_fraction must be in \(0, 1\]"),
+        (dict(keep_fraction=-0.2), r"^LambdaSchedule\.keep_fraction must be in \(0, 1\]"),
+        (dict(keep_fraction=0.5, sparse_lambda=0.0), r"^LambdaSchedule\.sparse_lambda must be > 0 with keep_fraction"),
+        (dict(keep_fraction=0.5, lambda_schedule="constant"),
+         r"^LambdaSchedule\.lambda_schedule='constant' gives keep_fraction no ramp to follow"),
+        (dict(keep_fraction=0.5, lambda_start=0.1), r"^LambdaSchedule\.lambda_start=0.1 has no role with keep_fraction"),
+        (dict(keep_fraction=0.5, sparsify_stages=4), r"^LambdaSchedule\.sparsify_stages steps lambda .* use one or the other"),
+    ],
+)
+def test_keep_fraction_invalid_configs_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LambdaSchedule(**{"sparse_lambda": 1.0, "lambda_schedule": "linear", "lambda_ramp_steps": 40, **kwargs})
+
+
 def test_valid_edge_configs_accepted():
     LambdaSchedule(sparse_lambda=0.0)
     LambdaSchedule(sparse_lambda=0.1, lambda_schedule="linear", lambda_ramp_steps=1)
@@ -262,3 +280,76 @@ def test_stage_recorder_rejects_unknown_field():
     with pytest.raises(TypeError):
         StageRecorder().record(stage=0, step=0, sparse_lambda=0.1, nonzero_params=1, memorization_score=1.0,
                                generalization_score=1.0, accuracy=0.3)
+
+
+# ------------------------------------------------------------------ keep_fraction: lambda steered by the ranks kept
+
+
+def steered(kind: str = "linear", keep: float = 0.5, ramp_steps: int = 40) -> LambdaSchedule:
+    return LambdaSchedule(sparse_lambda=1.0, lambda_schedule=kind, lambda_ramp_steps=ramp_steps, keep_fraction=keep)
+
+
+def test_keep_fraction_target_follows_the_ramp_shape():
+    assert [steered().target_keep(d) for d in (0, 10, 20, 40, 400)] == pytest.approx([1.0, 0.875, 0.75, 0.5, 0.5])
+    assert steered("loglinear", keep=0.25).target_keep(20) == pytest.approx(0.5)  # geometric: 0.25 ** 0.5
+    assert steered("exp").target_keep(20) == pytest.approx(1 - 0.5 * (1 - math.exp(-2.5)) / (1 - math.exp(-5)))
+    assert steered(keep=1.0).target_keep(40) == 1.0
+
+
+def test_keep_fraction_docstring_worked_example():
+    s = steered()
+    assert s.target_keep(20) == pytest.approx(0.75)
+    assert s.next_lambda(1.0, 20, 0.78) == pytest.approx(math.exp(0.3))
+    assert round(math.exp(0.3), 2) == 1.35
+    assert s.next_lambda(1.0, 20, 0.72) == pytest.approx(math.exp(-0.3))
+
+
+def test_next_lambda_raises_when_too_much_is_kept_and_lowers_when_too_little():
+    s = steered()
+    assert s.next_lambda(2.0, 20, 0.75) == 2.0  # on target: unchanged
+    assert s.next_lambda(2.0, 20, 0.76) == pytest.approx(2.0 * math.exp(schedule_mod.KEEP_GAIN * 0.01))
+    assert s.next_lambda(2.0, 20, 0.74) == pytest.approx(2.0 * math.exp(-schedule_mod.KEEP_GAIN * 0.01))
+    # a large error moves lambda by at most e^KEEP_MAX_STEP per step
+    assert s.next_lambda(2.0, 20, 1.0) == pytest.approx(2.0 * math.exp(schedule_mod.KEEP_MAX_STEP))
+    assert s.next_lambda(2.0, 20, 0.0) == pytest.approx(2.0 * math.exp(-schedule_mod.KEEP_MAX_STEP))
+    # and stays within KEEP_RANGE of sparse_lambda (1.0 here) either way
+    assert s.next_lambda(999.0, 20, 1.0) == schedule_mod.KEEP_RANGE
+    assert s.next_lambda(0.0011, 20, 0.0) == 1 / schedule_mod.KEEP_RANGE
+
+
+def test_steered_schedule_has_no_open_loop_value():
+    with pytest.raises(ValueError, match="next_lambda"):
+        steered()(0)
+
+
+def gate_plant(lam_tau: float, gates: list[float], push: list[float]) -> list[float]:
+    """A stand-in for the gates under the proximal step: each moves by its own push (a gradient step of fixed size
+    and sign), then is soft-thresholded by ``tau``; a zero gate comes back when its push exceeds tau."""
+    moved = [g + p for g, p in zip(gates, push)]
+    return [math.copysign(max(abs(m) - lam_tau, 0.0), m) for m in moved]
+
+
+@pytest.mark.parametrize("kind", ["linear", "exp", "loglinear"])
+@pytest.mark.parametrize("keep", [0.25, 0.5, 0.8])
+@pytest.mark.parametrize("start", [0.01, 1.0, 10.0])
+def test_controller_reaches_the_target_on_a_synthetic_plant(kind, keep, start):
+    """112 gates ~ N(0, 1) pushed by up to +-lr per step (lr 1e-2, tau = lr * lambda), a 40-step ramp, then 40 steps
+    holding; sparse_lambda from 100x too low to 10x too high. The plant has a cliff (every dead gate whose push beats
+    tau revives in the same step), so single steps swing while the target is held (up to 0.18 at keep 0.25); the
+    bounds below are those measured with some margin."""
+    import random
+
+    rng = random.Random(0)
+    n, ramp_steps, lr = 112, 40, 1e-2
+    gates = [rng.gauss(0.0, 1.0) for _ in range(n)]
+    push = [rng.uniform(-lr, lr) for _ in range(n)]
+    s = LambdaSchedule(sparse_lambda=start, lambda_schedule=kind, lambda_ramp_steps=ramp_steps, keep_fraction=keep)
+    lam, kept = s.sparse_lambda, []
+    for done in range(1, 2 * ramp_steps + 1):
+        gates = gate_plant(lr * lam, gates, push)
+        kept.append(sum(g != 0 for g in gates) / n)
+        lam = s.next_lambda(lam, done, kept[-1])
+    held = kept[ramp_steps:]
+    assert abs(kept[ramp_steps - 1] - keep) <= 0.12, kept  # measured: at most 0.116
+    assert abs(sum(held) / len(held) - keep) <= 0.04, held  # measured: at most 0.031
+    assert 0 < min(kept) and max(abs(k - s.target_keep(d)) for d, k in enumerate(kept, start=1)) < 0.6

@@ -32,6 +32,10 @@ pytestmark = pytest.mark.unit
         (["--target_modules", "'(q|v_proj'"], r"^target_modules '\(q\|v_proj' is not a valid regular expression: "
                                                 r"missing \), unterminated subpattern"),
         (["--dist_timeout", "0"], r"^dist_timeout must be >= 1 second"),
+        (["--keep_fraction", "0.5"], r"^lambda_schedule='constant' gives keep_fraction no ramp to follow"),
+        (["--keep_fraction", "1.2", "--lambda_schedule", "linear"], r"^keep_fraction must be in \(0, 1\]"),
+        (["--keep_fraction", "0.5", "--lambda_schedule", "linear", "--sparsify_stages", "4"],
+         r"^sparsify_stages steps lambda through fixed levels"),
         (["--resume_allow_changes", "[seed]"], r"^resume_allow_changes entries \['seed'\] cannot be allowed; allowed: "
                                                r"\['dataset', 'max_steps', 'model_name_or_path', 'tokenizer_name_or_path'\]"),
     ],
@@ -107,3 +111,11 @@ def test_export_formats_errors_name_the_allowed_values(formats, words):
     with pytest.raises(ConfigError, match="export_formats") as e:
         TrainConfig(export_formats=formats)
     assert words in str(e.value)
+
+
+def test_keep_fraction_is_a_sora_key():
+    """AdaLoRA's budget already is a target (target_r): keep_fraction is refused, and says so."""
+    with pytest.raises(ConfigError, match=r"^keep_fraction \(from command line\) is a SoRA key .*target_r"):
+        load_config(["--keep_fraction", "0.5"], ADALORA_DEMO)
+    cfg = load_config(["--keep_fraction", "0.5", "--lambda_schedule", "linear", "--max_steps", "40"], SORA_DEMO)
+    assert (cfg.sparsity.keep_fraction, cfg.sparsity.lambda_ramp_steps, cfg.to_dict()["keep_fraction"]) == (0.5, 40, 0.5)

@@ -168,3 +168,52 @@ def test_tensorboard_tracker_gets_the_logged_metrics(tmp_path):
     for step, value in scalars["loss"]:
         assert value == pytest.approx(logged[step], rel=1e-6)
     assert "active_ranks" in scalars and "lambda" in scalars
+
+
+KEEP_HALF = ["--max_steps", "40", "--keep_fraction", "0.5", "--lambda_schedule", "linear", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def keep_half_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("keep_half")
+    _, summary = train(load_config([*KEEP_HALF, "--output_dir", str(out)], SORA_DEMO))
+    return out, summary
+
+
+def test_keep_fraction_reaches_its_target_by_the_end_of_the_ramp(keep_half_run):
+    """keep_fraction 0.5 over a 40-step linear ramp on the demo (112 gate entries): lambda is steered from the
+    measured kept fraction, which tracks the target and ends on it (measured: 56 of 112 kept, at most 0.052 off
+    along the way)."""
+    out, summary = keep_half_run
+    records = metrics(out)
+    assert [r["target_keep"] for r in records] == pytest.approx([1 - 0.5 * d / 40 for d in range(1, 41)])
+    assert all(abs(r["kept_fraction"] - r["target_keep"]) <= 0.1 for r in records), records
+    assert abs(records[-1]["kept_fraction"] - 0.5) <= 0.05
+    assert records[0]["lambda"] == 1.0 and len({r["lambda"] for r in records}) > 10  # starts at sparse_lambda
+    assert records[-1]["kept_fraction"] == summary["kept_fraction"] == pytest.approx(
+        records[-1]["active_ranks"] / summary["total_initial_ranks"])
+    assert summary["keep_fraction"] == 0.5
+
+
+def test_keep_fraction_resumes_with_the_controller_state(keep_half_run, tmp_path):
+    """A run that dies at step 24 and resumes from its step-20 checkpoint logs the lambdas and losses of the run that
+    never stopped: the controller's lambda is part of the checkpoint."""
+    reference, _ = keep_half_run
+    args = [*KEEP_HALF, "--save_every", "20", "--output_dir", str(tmp_path)]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_24(step, model, optimizer):
+        if step == 24:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(load_config(args, SORA_DEMO), on_step=crash_at_24)
+    assert json.loads((tmp_path / "checkpoints" / "step-0000020" / "trainer_state.json").read_text())["lambda"] > 0
+    train(load_config([*args, "--resume_from", "latest"], SORA_DEMO))
+    got, want = metrics(tmp_path), metrics(reference)
+    assert [r["step"] for r in got] == list(range(1, 41))
+    assert [r["lambda"] for r in got] == pytest.approx([r["lambda"] for r in want], rel=1e-12)
+    assert [r["kept_fraction"] for r in got] == [r["kept_fraction"] for r in want]
+    assert_same_losses(tmp_path, reference)
