@@ -16,6 +16,7 @@ memorization / generalization ratios.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -30,7 +31,7 @@ class LambdaSchedule:
     sparse_lambda: float = 1.0
     lambda_schedule: str = "constant"
     lambda_start: float = 0.0
-    lambda_ramp_steps: int | None = None  # None: not set (the recipe sets it to max_steps)
+    lambda_ramp_steps: int | None = None  # None: the whole run; the recipe and AdapterTrainer fill in max_steps (over)
     sparsify_stages: int = 0
 
     def __post_init__(self) -> None:
@@ -39,8 +40,7 @@ class LambdaSchedule:
         for key in ("sparse_lambda", "lambda_start"):
             if getattr(self, key) < 0:
                 raise self.error(key, f"must be >= 0, got {getattr(self, key)}")
-        ramped = self.lambda_schedule != "constant" or self.sparsify_stages > 0
-        if ramped and (self.lambda_ramp_steps or 0) < 1:
+        if self.ramped and self.lambda_ramp_steps is not None and self.lambda_ramp_steps < 1:
             raise self.error("lambda_ramp_steps", f"must be >= 1 for lambda_schedule={self.lambda_schedule!r} / "
                              f"sparsify_stages={self.sparsify_stages}, got {self.lambda_ramp_steps}")
         if self.lambda_schedule == "loglinear" and self.lambda_start <= 0:
@@ -49,6 +49,16 @@ class LambdaSchedule:
             raise self.error("sparsify_stages", f"must be 0 (off) or >= 2, got {self.sparsify_stages}")
         if self.sparsify_stages > (self.lambda_ramp_steps or 0) > 0:
             raise self.error("sparsify_stages", f"={self.sparsify_stages} exceeds lambda_ramp_steps={self.lambda_ramp_steps}")
+
+    @property
+    def ramped(self) -> bool:
+        return self.lambda_schedule != "constant" or self.sparsify_stages > 0
+
+    def over(self, total_steps: int) -> LambdaSchedule:
+        """This schedule with an unset ``lambda_ramp_steps`` set to ``total_steps`` (the length of the run)."""
+        if self.lambda_ramp_steps is not None:
+            return self
+        return dataclasses.replace(self, lambda_ramp_steps=total_steps)
 
     def error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(key, problem, type(self).__name__)
@@ -64,8 +74,15 @@ class LambdaSchedule:
         return hi
 
     @property
+    def _ramp_steps(self) -> int:
+        if self.lambda_ramp_steps is None:
+            raise self.error("lambda_ramp_steps", "is not set: give it, or the run's length with .over(total_steps) "
+                             "(the recipe and AdapterTrainer do that with max_steps)")
+        return self.lambda_ramp_steps
+
+    @property
     def stage_steps(self) -> int:
-        return self.lambda_ramp_steps // self.sparsify_stages if self.sparsify_stages else 0
+        return self._ramp_steps // self.sparsify_stages if self.sparsify_stages else 0
 
     def stage(self, step: int) -> int:
         """0-based stage of optimizer step ``step`` (the last stage lasts until the end of training)."""
@@ -81,11 +98,11 @@ class LambdaSchedule:
 
     def __call__(self, step: int) -> float:
         """lambda for optimizer step ``step`` (0-based)."""
-        if self.lambda_schedule == "constant" and not self.sparsify_stages:
+        if not self.ramped:
             return self.sparse_lambda
         if self.sparsify_stages:
             return self._ramp(self.stage(step) / (self.sparsify_stages - 1))
-        return self._ramp(min(step / self.lambda_ramp_steps, 1.0))
+        return self._ramp(min(step / self._ramp_steps, 1.0))
 
 
 @dataclass
