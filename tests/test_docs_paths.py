@@ -9,7 +9,7 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted(REPO.glob("*/README.md")), *sorted((REPO / "docs").glob("*.md"))]
-PATH = re.compile(r"(?<![\w./-])((?:recipes|launch|ds_configs|sora_ds|bench|tests|scripts|docs)/[\w./-]*\w)")
+PATH = re.compile(r"(?<![\w./-])((?:recipes|launch|ds_configs|sora_ds|bench|tests|scripts|docs|examples)/[\w./-]*\w)")
 PLACEHOLDERS = ("outputs/",)
 
 

@@ -44,8 +44,17 @@ def _modules_to_save_state(model: nn.Module, names: list[str]) -> dict[str, torc
     return state
 
 
+def _loaded_from(model: nn.Module) -> str | None:
+    """The folder or hub id transformers loaded ``model`` from (``config._name_or_path``); None for a model built
+    from a config, whose path is empty."""
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
 def peft_adapter(model: nn.Module, base_model_name_or_path: str | None = None):
-    """``(LoraConfig, state_dict)`` of the pruned adapter. Collective under ZeRO-3 (call on every rank)."""
+    """``(LoraConfig, state_dict)`` of the pruned adapter. Collective under ZeRO-3 (call on every rank).
+
+    ``base_model_name_or_path`` defaults to where the model was loaded from, so that
+    ``peft.AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` finds the base with no other argument."""
     from peft import LoraConfig
 
     cfg = getattr(model, "adapter_config", None)
@@ -72,7 +81,7 @@ def peft_adapter(model: nn.Module, base_model_name_or_path: str | None = None):
         bias="none",
         modules_to_save=list(cfg.modules_to_save) or None,
         task_type=_task_type(model),
-        base_model_name_or_path=base_model_name_or_path,
+        base_model_name_or_path=base_model_name_or_path or _loaded_from(model),
     )
     return lora_config, state
 

@@ -23,6 +23,7 @@ lambda by ``e^(10 * 0.03)`` = 1.35x, measuring 0.72 lowers it by the same factor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -43,7 +44,7 @@ class LambdaSchedule:
     sparse_lambda: float = 1.0  # the sparsity strength lambda the schedule ends at (see threshold_mode)
     lambda_schedule: str = "constant"  # constant, linear, loglinear or exp: the ramp from lambda_start
     lambda_start: float = 0.0  # lambda at step 0 of a ramp
-    lambda_ramp_steps: int | None = None  # None: not set (the recipe sets it to max_steps)
+    lambda_ramp_steps: int | None = None  # None: the whole run; the recipe and AdapterTrainer fill in max_steps (over)
     sparsify_stages: int = 0  # >= 2: lambda rises in that many equal steps, each stage's scores recorded
     keep_fraction: float | None = None  # None: lambda follows the schedule; else the fraction of gate entries to keep
 
@@ -53,8 +54,7 @@ class LambdaSchedule:
         for key in ("sparse_lambda", "lambda_start"):
             if getattr(self, key) < 0:
                 raise self.error(key, f"must be >= 0, got {getattr(self, key)}")
-        ramped = self.lambda_schedule != "constant" or self.sparsify_stages > 0
-        if ramped and (self.lambda_ramp_steps or 0) < 1:
+        if self.ramped and self.lambda_ramp_steps is not None and self.lambda_ramp_steps < 1:
             raise self.error("lambda_ramp_steps", f"must be >= 1 for lambda_schedule={self.lambda_schedule!r} / "
                              f"sparsify_stages={self.sparsify_stages}, got {self.lambda_ramp_steps}")
         if self.keep_fraction is not None:
@@ -84,6 +84,16 @@ class LambdaSchedule:
             raise self.error("sparsify_stages", "steps lambda through fixed levels, and keep_fraction steers lambda "
                              "itself: use one or the other")
 
+    @property
+    def ramped(self) -> bool:
+        return self.lambda_schedule != "constant" or self.sparsify_stages > 0
+
+    def over(self, total_steps: int) -> LambdaSchedule:
+        """This schedule with an unset ``lambda_ramp_steps`` set to ``total_steps`` (the length of the run)."""
+        if self.lambda_ramp_steps is not None:
+            return self
+        return dataclasses.replace(self, lambda_ramp_steps=total_steps)
+
     def error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(key, problem, type(self).__name__)
 
@@ -100,8 +110,15 @@ class LambdaSchedule:
         return hi
 
     @property
+    def _ramp_steps(self) -> int:
+        if self.lambda_ramp_steps is None:
+            raise self.error("lambda_ramp_steps", "is not set: give it, or the run's length with .over(total_steps) "
+                             "(the recipe and AdapterTrainer do that with max_steps)")
+        return self.lambda_ramp_steps
+
+    @property
     def stage_steps(self) -> int:
-        return self.lambda_ramp_steps // self.sparsify_stages if self.sparsify_stages else 0
+        return self._ramp_steps // self.sparsify_stages if self.sparsify_stages else 0
 
     def stage(self, step: int) -> int:
         """0-based stage of optimizer step ``step`` (the last stage lasts until the end of training)."""
@@ -120,16 +137,15 @@ class LambdaSchedule:
         if self.keep_fraction is not None:
             raise ValueError("with keep_fraction lambda depends on the ranks kept so far: start from sparse_lambda "
                              "and call next_lambda after each step")
-        if self.lambda_schedule == "constant" and not self.sparsify_stages:
+        if not self.ramped:
             return self.sparse_lambda
         if self.sparsify_stages:
             return self._ramp(self.stage(step) / (self.sparsify_stages - 1))
-        return self._ramp(min(step / self.lambda_ramp_steps, 1.0))
-
+        return self._ramp(min(step / self._ramp_steps, 1.0))
 
     def target_keep(self, done: int) -> float:
         """The fraction of gate entries the run should keep after ``done`` optimizer steps (with ``keep_fraction``)."""
-        return self._ramp(min(done / self.lambda_ramp_steps, 1.0), 1.0, self.keep_fraction)
+        return self._ramp(min(done / self._ramp_steps, 1.0), 1.0, self.keep_fraction)
 
     def next_lambda(self, current: float, done: int, kept: float) -> float:
         """lambda for the step after ``done`` steps, from the ``current`` one and the fraction of gate entries

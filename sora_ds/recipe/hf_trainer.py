@@ -5,8 +5,8 @@
 
     inject(model, SoRAConfig(r=8, target_modules=["q_proj", "v_proj"]))
     trainer = AdapterTrainer(model=model, args=training_args, train_dataset=ds, data_collator=collate,
-                          sora_schedule=LambdaSchedule(sparse_lambda=1e-3, lambda_schedule="linear",
-                                                       lambda_ramp_steps=1000), threshold_mode="absolute")
+                          sora_schedule=LambdaSchedule(sparse_lambda=1e-3, lambda_schedule="linear"),
+                          threshold_mode="absolute")    # the ramp spans max_steps unless lambda_ramp_steps is given
     trainer.train()
     sora_ds.export_peft(trainer.model, "adapter/")
 
@@ -35,12 +35,12 @@ from ..adapters.schedule import LambdaSchedule
 
 
 class _LambdaCallback(TrainerCallback):
-    def __init__(self, schedule: LambdaSchedule) -> None:
-        self.schedule = schedule
+    def __init__(self, lambda_at) -> None:
+        self.lambda_at = lambda_at
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is not None:
-            set_sparse_lambda(optimizer, self.schedule(state.global_step))
+            set_sparse_lambda(optimizer, self.lambda_at(state.global_step))
 
 
 class AdapterTrainerMixin:
@@ -58,7 +58,12 @@ class AdapterTrainerMixin:
         self.sora_threshold_mode = threshold_mode
         self.sora_gate_learning_rate = gate_learning_rate
         super().__init__(*args, **kwargs)
-        self.add_callback(_LambdaCallback(sora_schedule))
+        self.add_callback(_LambdaCallback(self._lambda))
+
+    def _lambda(self, step: int) -> float:
+        # lambda_ramp_steps None ramps over the whole run, as in the recipe: the Trainer's max_steps (known once
+        # train() has started; args.max_steps before that)
+        return self.sora_schedule.over(self.state.max_steps or self.args.max_steps)(step)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         # Here rather than in a callback: Trainer records log_history before callbacks see the logs. Every rank
@@ -67,7 +72,7 @@ class AdapterTrainerMixin:
             if self._adalora_config() is not None:
                 logs["budget"] = adalora_budget(self.optimizer)
             else:
-                logs["lambda"] = self.sora_schedule(self.state.global_step)
+                logs["lambda"] = self._lambda(self.state.global_step)
             logs["active_ranks"] = sum(r["kept"] for r in rank_report(self.model).values())
         super().log(logs, *args, **kwargs)
 
@@ -97,7 +102,7 @@ class AdapterTrainerMixin:
                 model if model is not None else self.model,
                 learning_rate=self.args.learning_rate,
                 weight_decay=self.args.weight_decay,
-                sparse_lambda=self.sora_schedule(0),
+                sparse_lambda=self._lambda(0),
                 threshold_mode=self.sora_threshold_mode,
                 gate_learning_rate=self.sora_gate_learning_rate,
                 betas=(self.args.adam_beta1, self.args.adam_beta2),

@@ -83,6 +83,27 @@ def test_export_peft_llama_round_trip(tmp_path):
     assert (out - ref).abs().max().item() <= 1e-5
 
 
+def test_export_peft_records_the_base_so_auto_peft_loads_it_alone(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    build_decoder("llama").save_pretrained(tmp_path / "base")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    inject(model, SoRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_seed=0))
+    torch.manual_seed(0)
+    train_steps(model, 2, 0.3)
+    export_peft(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    assert (logits(loaded, token_ids()) - logits(model, token_ids())).abs().max().item() <= 1e-5
+    # an explicit path wins; a model built from a config records none
+    export_peft(model, tmp_path / "named", base_model_name_or_path="org/model")
+    assert json.loads((tmp_path / "named" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/model"
+    built = build_decoder("llama")
+    inject(built, SoRAConfig(r=4, target_modules=["q_proj"]))
+    assert peft_adapter(built)[0].base_model_name_or_path is None
+
+
 def test_export_peft_bert_modules_to_save_round_trip(tmp_path):
     from peft import PeftModel
 

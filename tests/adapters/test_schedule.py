@@ -191,11 +191,9 @@ def test_schedule_is_frozen():
     [
         (dict(sparse_lambda=0.1, lambda_schedule="cosine"), r"^LambdaSchedule\.lambda_schedule must be one of"),
         (dict(sparse_lambda=0.1, lambda_schedule="Linear", lambda_ramp_steps=10), r"^LambdaSchedule\.lambda_schedule must be one of"),
-        (dict(sparse_lambda=0.1, lambda_schedule="linear"), r"^LambdaSchedule\.lambda_ramp_steps must be >= 1"),
         (dict(sparse_lambda=0.1, lambda_schedule="exp", lambda_ramp_steps=0), r"^LambdaSchedule\.lambda_ramp_steps must be >= 1"),
         (dict(sparse_lambda=0.1, lambda_schedule="loglinear", lambda_start=1e-3, lambda_ramp_steps=-5),
          r"^LambdaSchedule\.lambda_ramp_steps must be >= 1"),
-        (dict(sparse_lambda=0.1, sparsify_stages=3), r"^LambdaSchedule\.lambda_ramp_steps must be >= 1"),
         (dict(sparse_lambda=0.1, lambda_schedule="loglinear", lambda_ramp_steps=10), r"^LambdaSchedule\.lambda_start must be > 0 for lambda_schedule='loglinear'"),
         (dict(sparse_lambda=0.1, lambda_schedule="loglinear", lambda_start=0.0, lambda_ramp_steps=10),
          r"^LambdaSchedule\.lambda_start must be > 0 for lambda_schedule='loglinear'"),
@@ -353,3 +351,14 @@ def test_controller_reaches_the_target_on_a_synthetic_plant(kind, keep, start):
     assert abs(kept[ramp_steps - 1] - keep) <= 0.12, kept  # measured: at most 0.116
     assert abs(sum(held) / len(held) - keep) <= 0.04, held  # measured: at most 0.031
     assert 0 < min(kept) and max(abs(k - s.target_keep(d)) for d, k in enumerate(kept, start=1)) < 0.6
+
+
+def test_unset_ramp_spans_the_run_given_by_over():
+    unset = LambdaSchedule(sparse_lambda=0.1, lambda_schedule="linear")  # no lambda_ramp_steps: the whole run
+    with pytest.raises(ValueError, match=r"^LambdaSchedule\.lambda_ramp_steps is not set: .*over\(total_steps\)"):
+        unset(5)
+    assert unset.over(10)(5) == LambdaSchedule(sparse_lambda=0.1, lambda_schedule="linear", lambda_ramp_steps=10)(5)
+    assert LambdaSchedule(sparse_lambda=0.1, lambda_schedule="linear", lambda_ramp_steps=4).over(10).lambda_ramp_steps == 4
+    assert LambdaSchedule(sparse_lambda=0.1, sparsify_stages=3).over(9).stage_steps == 3
+    with pytest.raises(ValueError, match=r"^LambdaSchedule\.lambda_ramp_steps must be >= 1"):
+        unset.over(0)

@@ -36,13 +36,15 @@ def test_trainer_trains_sora_with_schedule(tmp_path):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **cfg))
     sora_ds.inject(model, sora_ds.SoRAConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
                                              init_seed=0))
-    schedule = LambdaSchedule(sparse_lambda=2.0, lambda_schedule="linear", lambda_start=0.5, lambda_ramp_steps=20)
+    # no lambda_ramp_steps: the ramp spans the Trainer's max_steps (20), as in the recipe
+    given = LambdaSchedule(sparse_lambda=2.0, lambda_schedule="linear", lambda_start=0.5)
+    schedule = given.over(20)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=8,
                              learning_rate=1e-2, weight_decay=0.1, logging_steps=10, report_to=[], use_cpu=True,
                              save_strategy="no", lr_scheduler_type="constant", seed=0)
     trainer = AdapterTrainer(model=model, args=args, train_dataset=train_ds,
                           data_collator=functools.partial(collate, pad_token_id=tok.pad_token_id),
-                          sora_schedule=schedule, threshold_mode="lr_scaled")
+                          sora_schedule=given, threshold_mode="lr_scaled")
     result = trainer.train()
 
     assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
