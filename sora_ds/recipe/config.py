@@ -39,6 +39,7 @@ from ..adapters.errors import ConfigError
 from ..adapters.prox import THRESHOLD_MODES
 from ..adapters.serving import ADAPTER_FORMATS
 from ..adapters.schedule import LambdaSchedule
+from ..data.chat import TRUNCATIONS
 
 TINY_LLAMA = {
     "model_type": "llama",
@@ -74,6 +75,9 @@ class TrainConfig:
     dataset_split: str = "train"
     eval_size: int | float = 0.1  # fraction in (0, 1) or a count of examples
     max_length: int = 128
+    # an example longer than max_length: keep_answer keeps its last assistant turn and cuts the prompt from the left
+    # (after BOS); keep_start keeps its first max_length tokens (an answer past them is dropped)
+    truncation: str = "keep_answer"
     packing: bool = False  # several training examples per max_length row, kept apart by position_ids
     # --- adapter: flat keys of SoRAConfig / AdaLoRAConfig (see the module docstring) ---
     method: str = "sora"  # "sora" or "adalora"
@@ -119,6 +123,7 @@ class TrainConfig:
         _check_choice("threshold_mode", self.threshold_mode, THRESHOLD_MODES)
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_choice("truncation", self.truncation, tuple(TRUNCATIONS))
         for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)!r}")
