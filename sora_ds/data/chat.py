@@ -4,7 +4,9 @@ assistant-only labels, split train/eval, and collate batches.
 Accepted record formats (one per dataset):
   * ``messages``: a list of ``{"role", "content"}`` turns,
   * ``prompt`` + ``response``,
-  * ``instruction`` (+ optional ``input``) + ``output`` (Alpaca style).
+  * ``instruction`` (+ optional ``input``) + ``output`` (Alpaca style),
+  * ``conversations``: a list of ``{"from", "value"}`` turns (ShareGPT style; ``from`` is human/gpt/system, or
+    user/assistant).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_DATASET: Path = Path(__file__).resolve().parent / "assets" / "tiny_chat.jsonl"
 ROLES = ("system", "user", "assistant")
+# ShareGPT's speaker names (and the chat role names, which some ShareGPT exports use) -> chat roles.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 EXPECTED_COLUMNS = (
     "expected 'messages' (list of {role, content}), or 'prompt'+'response', "
-    "or 'instruction'(+'input')+'output'"
+    "or 'instruction'(+'input')+'output', or 'conversations' (ShareGPT: list of {from, value})"
 )
 _JSON_SUFFIXES = (".json", ".jsonl")
 # Characters of content rendered per token of max_length before tokenizing (see _keep_start).  Real
@@ -57,7 +61,7 @@ class ChatData(NamedTuple):
 def check_columns(columns: Iterable[str], where: str) -> None:
     """Raise DataError unless ``columns`` hold one of the accepted formats; ``where`` starts the message."""
     cols = set(columns)
-    if "messages" in cols or {"prompt", "response"} <= cols or {"instruction", "output"} <= cols:
+    if cols & {"messages", "conversations"} or {"prompt", "response"} <= cols or {"instruction", "output"} <= cols:
         return
     hint = ""
     if "prompt" in cols or "response" in cols:
@@ -89,6 +93,19 @@ def _message(i: int, m: Any) -> dict:
     return {"role": role, "content": m["content"]}
 
 
+def _sharegpt_turn(i: int, turn: Any) -> dict:
+    """Validate ``conversations[i]`` and map it to a chat message; errors name the field as ``'conversations'[i].from``."""
+    field = f"'conversations'[{i}]"
+    if not isinstance(turn, dict):
+        raise DataError(f"{field} must be a {{from, value}} object, got {preview(turn)}")
+    speaker = turn.get("from")
+    if speaker not in SHAREGPT_ROLES:
+        raise DataError(f"{field}.from is {preview(speaker)}; allowed: {', '.join(SHAREGPT_ROLES)}")
+    if not isinstance(turn.get("value"), str):
+        raise DataError(f"{field}.value must be a string, got {preview(turn.get('value'))}")
+    return {"role": SHAREGPT_ROLES[speaker], "content": turn["value"]}
+
+
 def to_messages(example: dict) -> list[dict]:
     """Normalise one record to a validated ``[{"role", "content"}, ...]`` list.
 
@@ -100,6 +117,11 @@ def to_messages(example: dict) -> list[dict]:
         if not isinstance(raw, list) or not raw:
             raise DataError(f"'messages' must be a non-empty list of {{role, content}} objects, got {preview(raw)}")
         messages = [_message(i, m) for i, m in enumerate(raw)]
+    elif "conversations" in example:
+        raw = example["conversations"]
+        if not isinstance(raw, list) or not raw:
+            raise DataError(f"'conversations' must be a non-empty list of {{from, value}} objects, got {preview(raw)}")
+        messages = [_sharegpt_turn(i, turn) for i, turn in enumerate(raw)]
     elif "prompt" in example and "response" in example:
         messages = [
             {"role": "user", "content": _text(example, "prompt")},
@@ -117,7 +139,8 @@ def to_messages(example: dict) -> list[dict]:
     else:
         raise DataError(f"record has fields {sorted(example)}; {EXPECTED_COLUMNS}")
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError("'messages' has no assistant turn; need at least one message with role 'assistant'")
+        raise DataError("the conversation has no assistant turn; need at least one message with role 'assistant' "
+                        "(ShareGPT: from 'gpt')")
     return messages
 
 

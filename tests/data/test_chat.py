@@ -270,12 +270,18 @@ def test_to_messages_formats():
     assert to_messages({"instruction": "a", "input": "", "output": "b"}) == chat("a", "b")
     assert to_messages({"instruction": "a", "input": None, "output": "b"}) == chat("a", "b")
     assert to_messages({"instruction": "do", "input": "this", "output": "b"}) == chat("do\n\nthis", "b")
+    sharegpt = [{"from": "system", "value": "s"}, {"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+                {"from": "user", "value": "c"}, {"from": "assistant", "value": "d"}]
+    assert to_messages({"conversations": sharegpt}) == [{"role": "system", "content": "s"}, *chat("a", "b"),
+                                                        *chat("c", "d")]
 
 
 @pytest.mark.parametrize("rows", [
     [{"messages": chat("a", "b")}, {"messages": chat("c", "d")}],
     [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}],
     [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "", "output": "d"}],
+    [{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+     {"conversations": [{"from": "user", "value": "c"}, {"from": "assistant", "value": "d"}]}],
 ])
 def test_build_datasets_from_each_format(tok, tmp_path, rows):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -340,6 +346,21 @@ def test_bad_role_fails_before_tokenization(tmp_path):
         build_datasets(path, NoTokenizer(), max_length=64, eval_size=0, seed=0)
     msg = str(err.value)
     assert "roles.jsonl, line 2:" in msg and "'messages'[0].role is 'bot'" in msg and "assistant" in msg
+
+
+def test_bad_sharegpt_turn_names_file_line_and_field(tmp_path):
+    good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    for turn, field in [({"from": "bot", "value": "a"}, "'conversations'[1].from is 'bot'; allowed: human, gpt, "
+                                                        "system, user, assistant"),
+                        ({"from": "gpt", "value": None}, "'conversations'[1].value must be a string, got None"),
+                        ("hi", "'conversations'[1] must be a {from, value} object, got 'hi'")]:
+        path = write_jsonl(tmp_path / "sharegpt.jsonl", [good, {"conversations": [good["conversations"][0], turn]}])
+        with pytest.raises(DataError) as err:
+            build_datasets(path, NoTokenizer(), max_length=64)
+        assert str(err.value) == f"{path}, line 2: {field}"
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "q"}]}])
+    with pytest.raises(DataError, match=r"line 1: the conversation has no assistant turn.*\(ShareGPT: from 'gpt'\)"):
+        build_datasets(path, NoTokenizer(), max_length=64)
 
 
 def test_no_assistant_turn():
