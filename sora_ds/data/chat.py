@@ -545,6 +545,20 @@ def build_datasets(
     return ChatData(datasets.Dataset.from_list(train_rows), evaluation, counts)
 
 
+def training_examples(source: str | Path | None, tokenizer, max_length: int, eval_size: int | float = 0,
+                      seed: int = 0, truncation: str = "keep_answer", split: str = "train"):
+    """The training split's examples as :func:`build_datasets` makes them (before packing), one at a time, in file
+    order: ``(where, row, truncated)``, dropped ones included (their row has no label).  Every record is validated
+    first, as for training; only the examples asked for are tokenized."""
+    _check_int("max_length", max_length, 2)
+    _check_eval_size(eval_size)
+    records = load_records(source, split)
+    conversations = _conversations(records)
+    for i in split_records(len(records), eval_size, seed)[0]:
+        row, truncated = encode_record(records[i], conversations[i], tokenizer, max_length, truncation)
+        yield records[i].where, row, truncated
+
+
 def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of tokenized examples into ``long`` tensors.
 
