@@ -4,12 +4,15 @@ assistant-only labels, split train/eval, and collate batches.
 Accepted record formats (one per dataset):
   * ``messages``: a list of ``{"role", "content"}`` turns,
   * ``prompt`` + ``response``,
-  * ``instruction`` (+ optional ``input``) + ``output`` (Alpaca style).
+  * ``instruction`` (+ optional ``input``) + ``output`` (Alpaca style),
+  * ``conversations``: a list of ``{"from", "value"}`` turns (ShareGPT style; ``from`` is human/gpt/system, or
+    user/assistant).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,12 +29,14 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_DATASET: Path = Path(__file__).resolve().parent / "assets" / "tiny_chat.jsonl"
 ROLES = ("system", "user", "assistant")
+# ShareGPT's speaker names (and the chat role names, which some ShareGPT exports use) -> chat roles.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 EXPECTED_COLUMNS = (
     "expected 'messages' (list of {role, content}), or 'prompt'+'response', "
-    "or 'instruction'(+'input')+'output'"
+    "or 'instruction'(+'input')+'output', or 'conversations' (ShareGPT: list of {from, value})"
 )
 _JSON_SUFFIXES = (".json", ".jsonl")
-# Characters of content rendered per token of max_length before tokenizing (see _tokenize_bounded).  Real
+# Characters of content rendered per token of max_length before tokenizing (see _keep_start).  Real
 # tokenizers average about 4 characters per token on prose and rarely above 10 even on whitespace-heavy code;
 # the byte tokenizer has at most 1.  16 leaves room so the retry is rare, while a 200 MB answer costs only
 # 16 * max_length characters of rendering and tokenizing.
@@ -46,7 +51,7 @@ class ChatData(NamedTuple):
 
     train: datasets.Dataset
     eval: datasets.Dataset | None
-    counts: dict[str, int]
+    counts: dict[str, Any]
 
 
 # --------------------------------------------------------------------------
@@ -56,7 +61,7 @@ class ChatData(NamedTuple):
 def check_columns(columns: Iterable[str], where: str) -> None:
     """Raise DataError unless ``columns`` hold one of the accepted formats; ``where`` starts the message."""
     cols = set(columns)
-    if "messages" in cols or {"prompt", "response"} <= cols or {"instruction", "output"} <= cols:
+    if cols & {"messages", "conversations"} or {"prompt", "response"} <= cols or {"instruction", "output"} <= cols:
         return
     hint = ""
     if "prompt" in cols or "response" in cols:
@@ -88,6 +93,19 @@ def _message(i: int, m: Any) -> dict:
     return {"role": role, "content": m["content"]}
 
 
+def _sharegpt_turn(i: int, turn: Any) -> dict:
+    """Validate ``conversations[i]`` and map it to a chat message; errors name the field as ``'conversations'[i].from``."""
+    field = f"'conversations'[{i}]"
+    if not isinstance(turn, dict):
+        raise DataError(f"{field} must be a {{from, value}} object, got {preview(turn)}")
+    speaker = turn.get("from")
+    if speaker not in SHAREGPT_ROLES:
+        raise DataError(f"{field}.from is {preview(speaker)}; allowed: {', '.join(SHAREGPT_ROLES)}")
+    if not isinstance(turn.get("value"), str):
+        raise DataError(f"{field}.value must be a string, got {preview(turn.get('value'))}")
+    return {"role": SHAREGPT_ROLES[speaker], "content": turn["value"]}
+
+
 def to_messages(example: dict) -> list[dict]:
     """Normalise one record to a validated ``[{"role", "content"}, ...]`` list.
 
@@ -99,6 +117,11 @@ def to_messages(example: dict) -> list[dict]:
         if not isinstance(raw, list) or not raw:
             raise DataError(f"'messages' must be a non-empty list of {{role, content}} objects, got {preview(raw)}")
         messages = [_message(i, m) for i, m in enumerate(raw)]
+    elif "conversations" in example:
+        raw = example["conversations"]
+        if not isinstance(raw, list) or not raw:
+            raise DataError(f"'conversations' must be a non-empty list of {{from, value}} objects, got {preview(raw)}")
+        messages = [_sharegpt_turn(i, turn) for i, turn in enumerate(raw)]
     elif "prompt" in example and "response" in example:
         messages = [
             {"role": "user", "content": _text(example, "prompt")},
@@ -116,7 +139,8 @@ def to_messages(example: dict) -> list[dict]:
     else:
         raise DataError(f"record has fields {sorted(example)}; {EXPECTED_COLUMNS}")
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError("'messages' has no assistant turn; need at least one message with role 'assistant'")
+        raise DataError("the conversation has no assistant turn; need at least one message with role 'assistant' "
+                        "(ShareGPT: from 'gpt')")
     return messages
 
 
@@ -206,18 +230,16 @@ def _assistant_char_spans(tokenizer, messages: list[dict], full: str) -> list[tu
     return spans
 
 
-def _tokenize_whole(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids and labels of the whole rendered conversation (labels -100 outside assistant replies)."""
+def _encode(messages: list[dict], tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """Token ids, labels (-100 outside assistant replies) and each token's start character in the rendering."""
     full = _render(tokenizer, messages, add_generation_prompt=False)
     spans = _assistant_char_spans(tokenizer, messages, full)
     # Special tokens are already in the rendered text (e.g. bos), so do not add more.
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    labels = [
-        tok if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
-        for tok, (start, _end) in zip(ids, enc["offset_mapping"])
-    ]
-    return ids, labels
+    starts = [start for start, _end in enc["offset_mapping"]]
+    labels = [tok if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX for tok, start in zip(ids, starts)]
+    return ids, labels, starts
 
 
 def _cut(messages: list[dict], budget: int) -> tuple[list[dict], bool]:
@@ -237,40 +259,151 @@ def _cut(messages: list[dict], budget: int) -> tuple[list[dict], bool]:
     return kept, False
 
 
-def _tokenize_bounded(messages: list[dict], tokenizer, max_length: int) -> tuple[dict[str, list[int]], bool]:
-    """:func:`tokenize_chat`'s row, and whether the conversation had more than ``max_length`` tokens.
+def _cut_left(messages: list[dict], budget: int) -> tuple[list[dict], int | None]:
+    """``messages`` with only the last ``budget`` characters of content kept, and the index of the message cut.
 
-    The work (rendering, tokenizing, offsets) is proportional to ``max_length``, not to the record: only the
-    first ``max_length * CHARS_PER_TOKEN`` characters of content are rendered.  Cutting the text changes at most
-    the last few tokens before the cut (a word cut in two, the template's closing marker), so when the cut text
-    still gives ``_MARGIN_TOKENS`` more than ``max_length`` tokens the first ``max_length`` are exactly those of
-    the whole conversation.  Otherwise (tokens longer than ``CHARS_PER_TOKEN`` characters on average) the
-    budget doubles and the cut is tried again, ending at the whole conversation at worst.
+    Earlier messages are emptied rather than dropped, so the template sees the same roles in the same order (some
+    templates refuse a conversation that does not start with a user turn, others add a default system prompt when
+    it does not start with one).  Past ``budget // CHARS_PER_TOKEN`` emptied turns, an even number of them is
+    dropped after a leading system message, which keeps that order too and bounds a record of countless turns.
+    """
+    kept: list[dict] = []
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if len(m["content"]) > budget:
+            cut = {**m, "content": m["content"][len(m["content"]) - max(budget, 0):]}
+            return [*_emptied(messages[:i], budget), cut, *kept[::-1]], i
+        kept.append(m)
+        budget -= len(m["content"]) + CHARS_PER_TOKEN
+    return messages, None
+
+
+def _emptied(messages: list[dict], budget: int) -> list[dict]:
+    """``messages`` with empty contents, at most about ``budget // CHARS_PER_TOKEN`` of them (see :func:`_cut_left`)."""
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    extra = len(messages) - first - max(budget, 0) // CHARS_PER_TOKEN
+    if extra > 0:  # an even number, and never all of an odd number: every later turn keeps its parity
+        drop = min(extra + extra % 2, (len(messages) - first) // 2 * 2)
+        messages = messages[:first] + messages[first + drop:]
+    return [{**m, "content": ""} for m in messages]
+
+
+def _chars_before_content(tokenizer, messages: list[dict], k: int) -> int:
+    """Characters of the rendering before ``messages[k]``'s content, or a few more (never fewer): the common
+    prefix of the rendering up to that message and the same with its content left out."""
+    with_content = _render(tokenizer, messages[: k + 1], add_generation_prompt=False)
+    without = _render(tokenizer, [*messages[:k], {**messages[k], "content": ""}], add_generation_prompt=False)
+    return len(os.path.commonprefix([with_content, without]))
+
+
+def _row(ids: list[int], labels: list[int]) -> dict[str, list[int]]:
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+
+def _keep_start(messages: list[dict], tokenizer, max_length: int) -> tuple[dict[str, list[int]], bool]:
+    """The first ``max_length`` tokens, and whether the conversation had more.
+
+    Only the first ``max_length * CHARS_PER_TOKEN`` characters of content are rendered.  Cutting the text changes at
+    most the last few tokens before the cut (a word cut in two, the template's closing marker), so when the cut text
+    still gives ``_MARGIN_TOKENS`` more than ``max_length`` tokens the first ``max_length`` are exactly those of the
+    whole conversation.  Otherwise (tokens longer than ``CHARS_PER_TOKEN`` characters on average) the budget doubles
+    and the cut is tried again, ending at the whole conversation at worst.
     """
     budget = max_length * CHARS_PER_TOKEN
     while True:
         kept, cut = _cut(messages, budget)
-        ids, labels = _tokenize_whole(kept, tokenizer)
+        ids, labels, _ = _encode(kept, tokenizer)
         if not cut or len(ids) >= max_length + _MARGIN_TOKENS:
             break
         budget *= 2
     # A cut conversation reached max_length + _MARGIN_TOKENS tokens, so the whole one is longer too.
-    truncated = len(ids) > max_length
-    ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}, truncated
+    return _row(ids[:max_length], labels[:max_length]), len(ids) > max_length
 
 
-def tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> dict[str, list[int]]:
+def _keep_answer(messages: list[dict], tokenizer, max_length: int) -> tuple[dict[str, list[int]], bool]:
+    """The last assistant turn whole, with as much of the conversation before it as fits; and whether anything
+    was cut.
+
+    Tokens are taken from the left of the prompt, after the leading BOS token (kept when the rendering starts with
+    it).  When the last answer (with what follows it) alone does not fit, the row keeps the beginning of the answer,
+    after the last ``max_length // 4`` tokens of the prompt, so the answer still has its question.
+
+    Work is bounded as in :func:`_keep_start`, around the start of the last answer: ``max_length *
+    CHARS_PER_TOKEN`` characters of content on each side.  A cut changes only the tokens next to it (on the left:
+    up to ``_MARGIN_TOKENS`` after the cut, whatever the template renders before it), so a row taken from the
+    tokens away from the cuts is exactly the row of the whole conversation; otherwise the budget doubles.
+    """
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not answers:  # nothing to keep: the row will carry no label
+        return _keep_start(messages, tokenizer, max_length)
+    last = answers[-1]
+    budget = max_length * CHARS_PER_TOKEN
+    while True:
+        right, right_cut = _cut(messages[last:], budget)
+        left, k = _cut_left(messages[:last], budget)
+        window = [*left, *right]
+        ids, labels, starts = _encode(window, tokenizer)
+        # The tokens that are those of the whole conversation: [lo, hi).
+        lo = 0
+        if k is not None:
+            k = len(left) - (last - k)  # the cut message's index in the window
+            before = _chars_before_content(tokenizer, window, k)
+            lo = sum(start < before for start in starts) + _MARGIN_TOKENS
+        hi = len(ids) - _MARGIN_TOKENS if right_cut else len(ids)
+        picked = _pick_answer_window(ids, labels, tokenizer.bos_token_id, max_length, lo, hi, k is not None, right_cut)
+        if picked is not None:
+            head, start, end = picked
+            return _row(ids[:head] + ids[start:end], labels[:head] + labels[start:end]), (start, end) != (0, len(ids))
+        budget *= 2
+
+
+def _pick_answer_window(ids, labels, bos, max_length, lo, hi, left_cut, right_cut) -> tuple[int, int, int] | None:
+    """``(head, start, end)``: the row is ``ids[:head] + ids[start:end]``; None when [lo, hi) cannot tell."""
+    head = 1 if ids and ids[0] == bos else 0
+    room = max_length - head
+    supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    answer = supervised[-1] if supervised else len(ids)
+    while answer > 0 and labels[answer - 1] != IGNORE_INDEX:
+        answer -= 1  # the first token of the last supervised run
+    if not right_cut and len(ids) - answer <= room:  # the answer and what follows fit
+        start = len(ids) - room
+        if start <= head and not left_cut:
+            return 0, 0, len(ids)
+        return (head, start, len(ids)) if start >= lo else None
+    if hi - answer <= room:
+        return None  # the answer may still fit: only the kept tokens after a wider cut can tell
+    prompt = min(room // 4, answer - head)
+    if left_cut and answer - room // 4 < lo:
+        return None
+    return head, answer - prompt, answer - prompt + room
+
+
+TRUNCATIONS = {"keep_answer": _keep_answer, "keep_start": _keep_start}
+
+
+def encode_chat(messages: list[dict], tokenizer, max_length: int,
+                truncation: str = "keep_answer") -> tuple[dict[str, list[int]], bool]:
+    """:func:`tokenize_chat`'s row, and whether the conversation had more than ``max_length`` tokens."""
+    if truncation not in TRUNCATIONS:
+        raise DataError(f"truncation={truncation!r} is not allowed; choose one of {list(TRUNCATIONS)}")
+    return TRUNCATIONS[truncation](messages, tokenizer, max_length)
+
+
+def tokenize_chat(messages: list[dict], tokenizer, max_length: int, truncation: str = "keep_answer") -> dict[str, list[int]]:
     """Tokenize a conversation with loss only on the assistant replies.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels`` (unshifted; the
-    model shifts), truncated to ``max_length``.  ``labels`` is -100 except on
+    model shifts), at most ``max_length`` tokens.  ``labels`` is -100 except on
     tokens that start inside an assistant turn's content or its end-of-turn
-    marker, so the model learns both the answer and when to stop.  The work is
-    bounded by ``max_length``, however long the conversation (see
-    :func:`_tokenize_bounded`).
+    marker, so the model learns both the answer and when to stop.
+
+    A longer conversation is truncated on token ids, after rendering and
+    tokenizing: ``keep_answer`` keeps the last assistant turn and cuts the
+    prompt from the left (see :func:`_keep_answer`), ``keep_start`` keeps the
+    first ``max_length`` tokens.  The work is bounded by ``max_length``,
+    however long the conversation.
     """
-    return _tokenize_bounded(messages, tokenizer, max_length)[0]
+    return encode_chat(messages, tokenizer, max_length, truncation)[0]
 
 
 # --------------------------------------------------------------------------
@@ -297,7 +430,7 @@ def _eval_count(eval_size: int | float, n: int) -> int:
     count = max(1, round(eval_size * n)) if isinstance(eval_size, float) and eval_size else int(eval_size)
     if count >= n:
         raise DataError(
-            f"eval_size={eval_size!r} leaves no training examples: only {n} usable examples; "
+            f"eval_size={eval_size!r} leaves no training examples: only {n} records; "
             f"use a smaller eval_size"
         )
     return count
@@ -314,22 +447,51 @@ def _conversations(records: list[Record]) -> list[list[dict]]:
     return conversations
 
 
-def _tokenize_records(
-    records: list[Record], conversations: list[list[dict]], tokenizer, max_length: int
-) -> tuple[list[dict], dict[str, int]]:
-    """The rows that keep a supervised token within ``max_length``, and the counts (see :func:`build_datasets`)."""
+def split_records(n: int, eval_size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """Record indices of the train and eval splits, each in file order.  The split is made on records, before
+    tokenizing, so it depends only on ``seed`` and the number of records (not on ``max_length`` or truncation)
+    and each split can count what truncation did to it."""
+    n_eval = _eval_count(eval_size, n)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def encode_record(record: Record, messages: list[dict], tokenizer, max_length: int,
+                  truncation: str) -> tuple[dict[str, list[int]], bool]:
+    """:func:`encode_chat` of one record, its errors located at the record."""
+    try:
+        return encode_chat(messages, tokenizer, max_length, truncation)
+    except DataError as e:
+        raise DataError(f"{record.where}: {e}") from None
+
+
+def has_labels(row: dict[str, list[int]]) -> bool:
+    return any(label != IGNORE_INDEX for label in row["labels"])
+
+
+def _tokenize_split(records: list[Record], conversations: list[list[dict]], tokenizer, max_length: int,
+                    truncation: str) -> tuple[list[dict], dict[str, int]]:
+    """The rows that keep a supervised token within ``max_length``, and the split's counts (see :func:`build_datasets`)."""
     rows, truncated, dropped = [], 0, 0
     for record, messages in zip(records, conversations):
-        try:
-            row, was_truncated = _tokenize_bounded(messages, tokenizer, max_length)
-        except DataError as e:
-            raise DataError(f"{record.where}: {e}") from None
+        row, was_truncated = encode_record(record, messages, tokenizer, max_length, truncation)
         truncated += was_truncated
-        if any(label != IGNORE_INDEX for label in row["labels"]):
+        if has_labels(row):
             rows.append(row)
         else:
             dropped += 1
-    return rows, {"records": len(records), "truncated": truncated, "dropped": dropped}
+    return rows, {"examples": len(rows), "truncated": truncated, "dropped": dropped}
+
+
+def _warn(name: str, split: str, counts: dict[str, int], max_length: int, truncation: str) -> None:
+    if counts["truncated"] or counts["dropped"]:
+        logger.warning(
+            "dataset %r, %s split: %d of %d examples were longer than max_length=%d and truncated (truncation: %s); "
+            "%d with no assistant token left were dropped",
+            name, split, counts["truncated"], counts["examples"] + counts["dropped"], max_length, truncation,
+            counts["dropped"],
+        )
 
 
 def build_datasets(
@@ -339,52 +501,62 @@ def build_datasets(
     eval_size: int | float = 0,
     seed: int = 0,
     packing: bool = False,
+    truncation: str = "keep_answer",
+    split: str = "train",
 ) -> ChatData:
-    """Load, validate, tokenize and split a chat dataset.
+    """Load, validate, split and tokenize a chat dataset.
 
-    ``eval_size`` is a fraction in (0, 1) or an example count; 0 gives no eval
-    set.  The split depends only on ``seed`` and the data.  ``packing`` packs
-    the training split several examples to a row (see
-    :mod:`sora_ds.data.packing`); the eval split stays one example per row.
+    ``eval_size`` is a fraction in (0, 1) or a count of records; 0 gives no
+    eval set.  The split is made on records and depends only on ``seed`` and
+    the data.  ``truncation`` is how an example longer than ``max_length`` is
+    cut (see :func:`tokenize_chat`).  ``packing`` packs the training split
+    several examples to a row (see :mod:`sora_ds.data.packing`); the eval
+    split stays one example per row.  ``split`` is the hub dataset's split.
 
     Returns ``ChatData(train, eval, counts)``; ``eval`` is None without an eval
-    set.  ``counts`` has ``records`` (read), ``truncated`` (examples with more
-    than ``max_length`` tokens, cut to ``max_length``), ``dropped`` (examples
-    with no supervised token within ``max_length``, left out; usually also
-    counted as truncated), ``train_examples`` and ``eval_examples`` (examples
-    in each split, before packing).  Truncation and drops are logged as one
-    warning.
+    set.  ``counts`` is ``{"records": read, "train": {...}, "eval": {...}}``,
+    each split with ``examples`` (kept, before packing), ``truncated`` (longer
+    than ``max_length``, cut) and ``dropped`` (no supervised token left after
+    the cut, left out; also counted as truncated).  A split that had
+    truncations or drops logs one warning.
     """
     # Check settings before the (possibly slow) load.
     _check_int("max_length", max_length, 2)
     _check_eval_size(eval_size)
+    if truncation not in TRUNCATIONS:
+        raise DataError(f"truncation={truncation!r} is not allowed; choose one of {list(TRUNCATIONS)}")
 
     name = "builtin tiny_chat.jsonl" if source is None else str(source)
-    records = load_records(source)
-    rows, counts = _tokenize_records(records, _conversations(records), tokenizer, max_length)
-    if not rows:
-        raise DataError(
-            f"dataset {name!r}: no example keeps an assistant token within max_length={max_length}; "
-            "increase max_length"
-        )
-    if counts["truncated"] or counts["dropped"]:
-        logger.warning(
-            "dataset %r, max_length=%d: %d of %d examples were longer and truncated; "
-            "%d with no assistant token left were dropped",
-            name, max_length, counts["truncated"], counts["records"], counts["dropped"],
-        )
+    records = load_records(source, split)
+    conversations = _conversations(records)
+    counts: dict[str, Any] = {"records": len(records)}
+    splits = {}
+    for part, indices in zip(("train", "eval"), split_records(len(records), eval_size, seed)):
+        rows, counts[part] = _tokenize_split([records[i] for i in indices], [conversations[i] for i in indices],
+                                             tokenizer, max_length, truncation)
+        _warn(name, part, counts[part], max_length, truncation)
+        if indices and not rows:
+            other = " or use truncation: keep_answer" if truncation != "keep_answer" else ""
+            raise DataError(f"dataset {name!r}: no {part} example keeps an assistant token within "
+                            f"max_length={max_length} (truncation: {truncation}); increase max_length{other}")
+        splits[part] = rows
+    train_rows = pack_examples(splits["train"], max_length) if packing else splits["train"]
+    evaluation = datasets.Dataset.from_list(splits["eval"]) if splits["eval"] else None
+    return ChatData(datasets.Dataset.from_list(train_rows), evaluation, counts)
 
-    n_eval = _eval_count(eval_size, len(rows))
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
-    counts.update(train_examples=len(train_idx), eval_examples=n_eval)
-    train_rows = [rows[i] for i in train_idx]
-    if packing:
-        train_rows = pack_examples(train_rows, max_length)
-    train = datasets.Dataset.from_list(train_rows)
-    evaluation = datasets.Dataset.from_list([rows[i] for i in eval_idx]) if n_eval else None
-    return ChatData(train, evaluation, counts)
+
+def training_examples(source: str | Path | None, tokenizer, max_length: int, eval_size: int | float = 0,
+                      seed: int = 0, truncation: str = "keep_answer", split: str = "train"):
+    """The training split's examples as :func:`build_datasets` makes them (before packing), one at a time, in file
+    order: ``(where, row, truncated)``, dropped ones included (their row has no label).  Every record is validated
+    first, as for training; only the examples asked for are tokenized."""
+    _check_int("max_length", max_length, 2)
+    _check_eval_size(eval_size)
+    records = load_records(source, split)
+    conversations = _conversations(records)
+    for i in split_records(len(records), eval_size, seed)[0]:
+        row, truncated = encode_record(records[i], conversations[i], tokenizer, max_length, truncation)
+        yield records[i].where, row, truncated
 
 
 def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@
     sora-ds merge --base outputs/run/base_model --adapter my_adapter/ merged/
     sora-ds report outputs/run                                        # kept-rank table, heatmap, sparsity figures
     sora-ds import-gguf smollm2 models/smollm2-135m-instruct          # a GGUF -> a model folder, no hub, no compile
+    sora-ds preview --config my_run.yaml -n 3                         # 3 training examples as the model sees them
 
 Checkpoints store the pruned adapter already gathered from every rank (see :mod:`sora_ds.recipe.checkpoint`), so export
 needs no GPU, no DeepSpeed and not the base model.
@@ -29,7 +30,9 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from ..adapters.errors import ConfigError
 from ..adapters.serving import ADAPTER_FORMATS, EXPORT_FORMATS, convert_adapter, describe, write_record
+from ..data.records import DataError
 from ..engine.atomic import atomic_dir
 from .checkpoint import STATE_FILE, latest_checkpoint
 from .gguf import INSTALL, SMOLLM2, GGUFError, find_gguf, load_gguf
@@ -178,6 +181,31 @@ def report(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def preview(config_args: list[str], n: int, color: bool) -> str:
+    """``n`` training examples of the recipe that ``config_args`` (``--config F`` and ``--key value``) describes,
+    rendered, tokenized and truncated as training does, trained tokens marked; only the tokenizer is loaded."""
+    from ..data.chat import training_examples
+    from ..data.preview import BRACKETS, describe, marked_text
+    from .config import load_config
+    from .model import load_tokenizer
+
+    cfg = load_config(config_args)
+    tokenizer = load_tokenizer(cfg)
+    template = "the chat_template key" if cfg.chat_template else "the tokenizer's own"
+    mark = "in green" if color else "{}like this{}".format(*BRACKETS)
+    lines = [f"dataset {cfg.dataset or 'built-in tiny_chat.jsonl'}, training split (eval_size {cfg.eval_size}, seed "
+             f"{cfg.seed}); max_length {cfg.max_length}, truncation {cfg.truncation}; chat template: {template}",
+             f"trained tokens (label != -100) are marked {mark}; everything else is context the loss ignores"]
+    examples = training_examples(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed, cfg.truncation,
+                                 cfg.dataset_split)
+    for i, (where, row, truncated) in enumerate(examples):
+        if i == n:
+            break
+        lines += ["", f"--- example {i + 1}, {describe(where, row, truncated, cfg.max_length, cfg.truncation)}",
+                  marked_text(row, tokenizer, color)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sora-ds", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -227,7 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="if OUT is a non-empty folder, delete its whole content and put the model in its place (once "
                         "the model is saved)")
-    args = parser.parse_args(argv)
+    p = sub.add_parser("preview", allow_abbrev=False,
+                       help="print training examples as the model sees them, trained tokens marked",
+                       usage="sora-ds preview [-n N] [--config FILE.yaml] [--key value ...]",
+                       description="Render, tokenize and truncate the first N training examples of a recipe exactly "
+                                   "as a run does (its dataset, tokenizer, chat_template, max_length, truncation, "
+                                   "eval_size and seed keys), without loading the model. Trained tokens are marked "
+                                   "⟦like this⟧, or in green on a terminal. Look for what the template adds: a "
+                                   "default system prompt, BOS, end-of-turn tokens.")
+    p.add_argument("-n", type=int, default=3, metavar="N", help="examples to print (default: 3)")
+    args, config_args = parser.parse_known_args(argv)
+    if config_args and args.command != "preview":
+        parser.error(f"unrecognized arguments: {' '.join(config_args)}")
     try:
         if args.command == "export":
             adapter, record = export(args.source, args.out, args.overwrite, args.format)
@@ -238,9 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "import-gguf":
             gguf = import_gguf(args.source, args.out, args.overwrite)
             print(f"imported {gguf} -> {args.out} (model_name_or_path: {args.out})")
+        elif args.command == "preview":
+            print(preview(config_args, args.n, sys.stdout.isatty()))
         else:
             print(report(args.run_dir))
-    except (CLIError, OutputError, GGUFError) as e:
+    except (CLIError, OutputError, GGUFError, ConfigError, DataError) as e:
         print(f"sora-ds {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -39,6 +39,7 @@ from ..adapters.errors import ConfigError
 from ..adapters.prox import THRESHOLD_MODES
 from ..adapters.serving import ADAPTER_FORMATS
 from ..adapters.schedule import LambdaSchedule
+from ..data.chat import TRUNCATIONS
 
 TINY_LLAMA = {
     "model_type": "llama",
@@ -73,7 +74,11 @@ class TrainConfig:
     dataset: str | None = None  # local .json/.jsonl file or folder, or hub dataset name; None: built-in tiny chat
     dataset_split: str = "train"  # the split of a hub dataset (local files have one)
     eval_size: int | float = 0.1  # fraction in (0, 1) or a count of examples
-    max_length: int = 128  # tokens per example (longer ones are truncated)
+    max_length: int = 128  # tokens per example (see truncation)
+    # an example longer than max_length: keep_answer keeps its last assistant turn and cuts the prompt from the left
+    # (after BOS); keep_start keeps its first max_length tokens (an answer past them is dropped)
+    truncation: str = "keep_answer"
+    chat_template: str | None = None  # Jinja template, or the path of a .jinja file, replacing the tokenizer's own
     packing: bool = False  # several training examples per max_length row, kept apart by position_ids
     # --- adapter: flat keys of SoRAConfig / AdaLoRAConfig (see the module docstring) ---
     method: str = "sora"  # "sora" or "adalora"
@@ -119,6 +124,9 @@ class TrainConfig:
         _check_choice("threshold_mode", self.threshold_mode, THRESHOLD_MODES)
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_choice("truncation", self.truncation, tuple(TRUNCATIONS))
+        if self.chat_template is not None:
+            chat_template_text(self.chat_template)
         for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)!r}")
@@ -223,6 +231,17 @@ def _sora_only(key: str, method: str) -> ConfigError:
 def _check_choice(key: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(key, f"={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def chat_template_text(value: str) -> str:
+    """The ``chat_template`` key's template: the value itself when it holds Jinja tags, else the file it names."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError("chat_template", f"={value!r} is neither a Jinja template (no {{{{ or {{% in it) nor an "
+                          "existing file; give the template itself or the path of a .jinja file")
+    return path.read_text()
 
 
 def _check_export_formats(formats: list[str]) -> None:
@@ -390,8 +409,18 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
         if key == "config":
             config_path = value
         else:
-            overrides[key] = yaml.safe_load(value) if value != "" else ""
+            overrides[key] = _yaml_value(value)
     return config_path, overrides
+
+
+def _yaml_value(text: str):
+    """A command-line value read as YAML; text that is not YAML (a Jinja template, say) stays the string it is."""
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def load_config(argv: list[str] | None = None, default_config: str | Path | None = None) -> TrainConfig:

@@ -13,7 +13,7 @@ from ..adapters.inject import select_targets
 from ..engine import check_deepspeed_version, without_zero_init, zero_stage
 from ..engine.heartbeat import default_collective_timeout
 from ..engine.atomic import atomic_dir
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, chat_template_text
 
 
 def build_accelerator(cfg: TrainConfig):
@@ -72,10 +72,13 @@ def load_tokenizer(cfg: TrainConfig):
         tok = AutoTokenizer.from_pretrained(name)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        return tok
-    from ..data.tokenizer import build_byte_tokenizer
+    else:
+        from ..data.tokenizer import build_byte_tokenizer
 
-    return build_byte_tokenizer()
+        tok = build_byte_tokenizer()
+    if cfg.chat_template is not None:  # saved with the tokenizer (base_model/), so serving renders the same way
+        tok.chat_template = chat_template_text(cfg.chat_template)
+    return tok
 
 
 def load_model(cfg: TrainConfig, path: str, quantization=None, device=None):

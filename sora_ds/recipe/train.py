@@ -131,7 +131,7 @@ class Run:
     started: float
     trainable: list  # the prepared model's trainable parameters (what is clipped)
     identity: dict  # the settings a checkpoint records so that a resume can be checked (recipe/resume.py)
-    data_counts: dict  # records read, truncated, dropped, train and eval examples
+    data_counts: dict  # records read; examples, truncated and dropped of each split (build_datasets)
     stop: StopRequest = field(default_factory=StopRequest)
     heartbeat: Heartbeat | None = None
     stop_requested: bool = False  # on any rank, after the last step (shared in the step's reduction)
@@ -235,7 +235,7 @@ def start(cfg: TrainConfig) -> Run:
     check_quantization(cfg, accelerator)
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, data_counts = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed,
-                                                    cfg.packing)
+                                                    cfg.packing, cfg.truncation, cfg.dataset_split)
     check_targets(cfg, tokenizer, accelerator)
     accelerator.wait_for_everyone()  # every rank has checked the folder before the main process changes it
     if accelerator.is_main_process:

@@ -14,10 +14,13 @@ from transformers import AutoTokenizer
 
 from sora_ds.data.chat import (
     BUILTIN_DATASET,
+    TRUNCATIONS,
     DataError,
     build_datasets,
     collate,
+    encode_chat,
     load_records,
+    split_records,
     to_messages,
     tokenize_chat,
 )
@@ -159,40 +162,102 @@ def test_template_that_rewrites_history_is_rejected(tok):
         tokenize_chat(chat(), _with_template(tok, unstable), max_length=128)
 
 
-def test_truncation(tok):
-    row = tokenize_chat(chat("q" * 20, "a" * 20), tok, max_length=30)
+def ids(tok, *pieces) -> list[int]:
+    """Token ids of ``pieces``: special token names as one token each, any other string one token per byte."""
+    return [i for p in pieces for i in ([tok.convert_tokens_to_ids(p)] if p in SPECIAL_TOKENS else
+                                        tok(p, add_special_tokens=False)["input_ids"])]
+
+
+def test_keep_start_cuts_the_end(tok):
+    row = tokenize_chat(chat("q" * 20, "a" * 20), tok, max_length=30, truncation="keep_start")
     assert len(row["input_ids"]) == len(row["labels"]) == len(row["attention_mask"]) == 30
     # bos, <|user|>, \n, 20 q, <|end|>, <|assistant|>, \n -> 26 prompt tokens; 4 answer tokens left
-    assert supervised_spans(row) == [tok.convert_tokens_to_ids(["a"] * 4)]
+    assert row["input_ids"] == ids(tok, "<s>", "<|user|>", "\n" + "q" * 20, "<|end|>", "<|assistant|>", "\n" + "aaaa")
+    assert supervised_spans(row) == [ids(tok, "aaaa")]
+
+
+def test_keep_answer_keeps_bos_and_the_answer_and_cuts_the_prompt_from_the_left(tok):
+    row = tokenize_chat(chat("q" * 20, "a" * 20), tok, max_length=30)
+    assert row["input_ids"] == ids(tok, "<s>", "qqqqq", "<|end|>", "<|assistant|>", "\n" + "a" * 20, "<|end|>")
+    assert supervised_spans(row) == [ids(tok, "a" * 20, "<|end|>")]
+    assert row["attention_mask"] == [1] * 30
+
+
+def test_keep_answer_cuts_older_turns_and_keeps_their_labels_inside_the_window(tok):
+    msgs = [{"role": "system", "content": "s" * 30}, *chat("q1", "a1"), *chat("q2", "answer")]
+    row = tokenize_chat(msgs, tok, max_length=24)
+    assert row["input_ids"] == ids(tok, "<s>", "\nq1", "<|end|>", "<|assistant|>", "\na1", "<|end|>", "<|user|>",
+                                   "\nq2", "<|end|>", "<|assistant|>", "\nanswer", "<|end|>")
+    assert [tok.decode(s) for s in supervised_spans(row)] == ["a1<|end|>", "answer<|end|>"]
+
+
+def test_keep_answer_keeps_the_beginning_of_an_answer_too_long_to_fit(tok):
+    row, truncated = encode_chat(chat("question", "a" * 100), tok, max_length=30)
+    # room 29 after bos: the last 29 // 4 = 7 prompt tokens, then the first 22 answer tokens
+    assert row["input_ids"] == ids(tok, "<s>", "tion", "<|end|>", "<|assistant|>", "\n" + "a" * 22)
+    assert truncated
+
+
+def test_keep_answer_without_bos_in_the_template(tok):
+    no_bos = _with_template(tok, tok.chat_template.replace("{{ bos_token }}", ""))
+    row = tokenize_chat(chat("q" * 20, "a" * 20), no_bos, max_length=30)
+    assert row["input_ids"] == ids(tok, "qqqqqq", "<|end|>", "<|assistant|>", "\n" + "a" * 20, "<|end|>")
+
+
+def test_short_conversations_are_not_truncated(tok):
+    for truncation in TRUNCATIONS:
+        row, truncated = encode_chat(chat("q", "a"), tok, 64, truncation)
+        assert (row["input_ids"], truncated) == (tok.apply_chat_template(chat("q", "a"), return_dict=False), False)
+    with pytest.raises(DataError, match="truncation='keep_end' is not allowed; choose one of.*keep_answer"):
+        encode_chat(chat(), tok, 64, "keep_end")
 
 
 def test_examples_truncated_to_no_supervision_are_dropped(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x" * 50, "response": "y"},
                                                {"prompt": "short", "response": "ok"}])
-    train, evaluation, counts = build_datasets(path, tok, max_length=20, eval_size=0, seed=0)
+    train, evaluation, counts = build_datasets(path, tok, max_length=20, eval_size=0, seed=0, truncation="keep_start")
     assert evaluation is None
     assert len(train) == 1
-    assert counts == {"records": 2, "truncated": 1, "dropped": 1, "train_examples": 1, "eval_examples": 0}
+    assert counts == {"records": 2, "train": {"examples": 1, "truncated": 1, "dropped": 1},
+                      "eval": {"examples": 0, "truncated": 0, "dropped": 0}}
     assert tok.decode(train[0]["input_ids"]).startswith("<s><|user|>\nshort")
-    with pytest.raises(DataError, match="max_length"):
-        build_datasets(path, tok, max_length=4, eval_size=0, seed=0)
+    with pytest.raises(DataError, match="no train example keeps an assistant token within max_length=4 "
+                                        r"\(truncation: keep_start\); increase max_length or use truncation: keep_answer"):
+        build_datasets(path, tok, max_length=4, eval_size=0, seed=0, truncation="keep_start")
+    # keep_answer keeps both: the long prompt is cut from the left
+    counts = build_datasets(path, tok, max_length=20, eval_size=0, seed=0).counts
+    assert counts["train"] == {"examples": 2, "truncated": 1, "dropped": 0}
 
 
-def test_truncation_and_drops_are_counted_and_logged(tok, tmp_path, caplog):
+def test_truncation_and_drops_are_counted_and_logged_per_split(tok, tmp_path, caplog):
     rows = [{"prompt": "x" * 50, "response": "y"}, {"prompt": "q", "response": "z" * 50},
-            {"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]
+            {"prompt": "a", "response": "b"}, {"prompt": "c" * 50, "response": "d"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert split_records(4, 1, seed=0) == ([0, 1, 3], [2])
     with caplog.at_level("WARNING", logger="sora_ds.data.chat"):
-        train, evaluation, counts = build_datasets(path, tok, max_length=20, eval_size=1, seed=0)
-    assert counts == {"records": 4, "truncated": 2, "dropped": 1, "train_examples": 2, "eval_examples": 1}
-    assert (len(train), len(evaluation)) == (2, 1)
+        train, evaluation, counts = build_datasets(path, tok, max_length=20, eval_size=1, seed=0,
+                                                   truncation="keep_start")
+    assert counts == {"records": 4, "train": {"examples": 1, "truncated": 3, "dropped": 2},
+                      "eval": {"examples": 1, "truncated": 0, "dropped": 0}}
+    assert (len(train), len(evaluation)) == (1, 1)
     [warning] = caplog.messages
-    assert "max_length=20: 2 of 4 examples were longer and truncated; 1 with no assistant token left were dropped" in warning
+    assert warning == (f"dataset {str(path)!r}, train split: 3 of 3 examples were longer than max_length=20 and "
+                       "truncated (truncation: keep_start); 2 with no assistant token left were dropped")
+
+    caplog.clear()
+    rows[2] = {"prompt": "a" * 50, "response": "b"}
+    write_jsonl(path, rows)
+    with caplog.at_level("WARNING", logger="sora_ds.data.chat"):
+        counts = build_datasets(path, tok, max_length=20, eval_size=1, seed=0).counts
+    assert counts == {"records": 4, "train": {"examples": 3, "truncated": 3, "dropped": 0},
+                      "eval": {"examples": 1, "truncated": 1, "dropped": 0}}
+    assert [m.split(":")[0] for m in caplog.messages] == [f"dataset {str(path)!r}, train split",
+                                                         f"dataset {str(path)!r}, eval split"]
 
     caplog.clear()
     with caplog.at_level("WARNING", logger="sora_ds.data.chat"):
         counts = build_datasets(path, tok, max_length=128).counts
-    assert (counts["truncated"], counts["dropped"], caplog.messages) == (0, 0, [])
+    assert (counts["train"]["truncated"], counts["train"]["dropped"], caplog.messages) == (0, 0, [])
 
 
 # ------------------------------------------------------------------- formats
@@ -205,12 +270,18 @@ def test_to_messages_formats():
     assert to_messages({"instruction": "a", "input": "", "output": "b"}) == chat("a", "b")
     assert to_messages({"instruction": "a", "input": None, "output": "b"}) == chat("a", "b")
     assert to_messages({"instruction": "do", "input": "this", "output": "b"}) == chat("do\n\nthis", "b")
+    sharegpt = [{"from": "system", "value": "s"}, {"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+                {"from": "user", "value": "c"}, {"from": "assistant", "value": "d"}]
+    assert to_messages({"conversations": sharegpt}) == [{"role": "system", "content": "s"}, *chat("a", "b"),
+                                                        *chat("c", "d")]
 
 
 @pytest.mark.parametrize("rows", [
     [{"messages": chat("a", "b")}, {"messages": chat("c", "d")}],
     [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}],
     [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "", "output": "d"}],
+    [{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+     {"conversations": [{"from": "user", "value": "c"}, {"from": "assistant", "value": "d"}]}],
 ])
 def test_build_datasets_from_each_format(tok, tmp_path, rows):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -275,6 +346,21 @@ def test_bad_role_fails_before_tokenization(tmp_path):
         build_datasets(path, NoTokenizer(), max_length=64, eval_size=0, seed=0)
     msg = str(err.value)
     assert "roles.jsonl, line 2:" in msg and "'messages'[0].role is 'bot'" in msg and "assistant" in msg
+
+
+def test_bad_sharegpt_turn_names_file_line_and_field(tmp_path):
+    good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    for turn, field in [({"from": "bot", "value": "a"}, "'conversations'[1].from is 'bot'; allowed: human, gpt, "
+                                                        "system, user, assistant"),
+                        ({"from": "gpt", "value": None}, "'conversations'[1].value must be a string, got None"),
+                        ("hi", "'conversations'[1] must be a {from, value} object, got 'hi'")]:
+        path = write_jsonl(tmp_path / "sharegpt.jsonl", [good, {"conversations": [good["conversations"][0], turn]}])
+        with pytest.raises(DataError) as err:
+            build_datasets(path, NoTokenizer(), max_length=64)
+        assert str(err.value) == f"{path}, line 2: {field}"
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "q"}]}])
+    with pytest.raises(DataError, match=r"line 1: the conversation has no assistant turn.*\(ShareGPT: from 'gpt'\)"):
+        build_datasets(path, NoTokenizer(), max_length=64)
 
 
 def test_no_assistant_turn():
@@ -361,7 +447,8 @@ def test_builtin_dataset_loads_and_fits(tok):
         assert len(tokenize_chat(messages, tok, 10**6)["input_ids"]) <= 128
     train, evaluation, counts = build_datasets(None, tok, max_length=128, eval_size=0.1, seed=0)
     assert len(train) + len(evaluation) == len(records)  # nothing dropped at 128
-    assert (counts["truncated"], counts["dropped"]) == (0, 0)
+    assert counts == {"records": len(records), "train": {"examples": len(train), "truncated": 0, "dropped": 0},
+                      "eval": {"examples": len(evaluation), "truncated": 0, "dropped": 0}}
 
 
 def test_generator_reproduces_shipped_file(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from sora_ds.recipe.config import ConfigError, TrainConfig, load_config, save_config
 from tests.support import ADALORA_DEMO, SORA_DEMO
@@ -36,6 +37,9 @@ pytestmark = pytest.mark.unit
         (["--keep_fraction", "1.2", "--lambda_schedule", "linear"], r"^keep_fraction must be in \(0, 1\]"),
         (["--keep_fraction", "0.5", "--lambda_schedule", "linear", "--sparsify_stages", "4"],
          r"^sparsify_stages steps lambda through fixed levels"),
+        (["--truncation", "keep_end"], r"^truncation='keep_end' is not allowed; choose one of \['keep_answer', 'keep_start'\]$"),
+        (["--chat_template", "nope.jinja"], r"^chat_template='nope.jinja' is neither a Jinja template .* nor an existing "
+                                            r"file; give the template itself or the path of a .jinja file$"),
         (["--resume_allow_changes", "[seed]"], r"^resume_allow_changes entries \['seed'\] cannot be allowed; allowed: "
                                                r"\['dataset', 'max_steps', 'model_name_or_path', 'tokenizer_name_or_path'\]"),
     ],
@@ -43,6 +47,21 @@ pytestmark = pytest.mark.unit
 def test_config_errors_name_the_key(argv, match):
     with pytest.raises(ConfigError, match=match):
         load_config(argv, SORA_DEMO)
+
+
+def test_chat_template_replaces_the_tokenizers_own(tmp_path):
+    from sora_ds.recipe.model import load_tokenizer
+
+    inline = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    path = tmp_path / "t.jinja"
+    path.write_text(inline)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"chat_template": inline}))
+    for argv in (["--config", str(config)], ["--chat_template", inline], ["--chat_template", str(path)]):
+        tok = load_tokenizer(load_config(argv, SORA_DEMO))
+        assert tok.apply_chat_template(chat, tokenize=False) == "[user] hi\n[assistant] yo\n"
+    assert load_tokenizer(load_config([], SORA_DEMO)).apply_chat_template(chat, tokenize=False).startswith("<s><|user|>")
 
 
 def test_eval_size_is_a_fraction_or_a_count():

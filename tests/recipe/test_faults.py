@@ -139,7 +139,9 @@ def test_moved_data_resumes_when_allowed_and_counts_land_in_the_summary(tmp_path
     first, moved = tmp_path / "a.jsonl", tmp_path / "moved" / "b.jsonl"
     first.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = run(tmp_path / "out", "--dataset", str(first), "--max_length", "64")
-    assert summary["data"] == {"records": 40, "truncated": 10, "dropped": 0, "train_examples": 36, "eval_examples": 4}
+    # split on records (seed 42, eval 10%): records 3, 9, 10 and 36 are held out; every 4th one is long
+    assert summary["data"] == {"records": 40, "train": {"examples": 36, "truncated": 9, "dropped": 0},
+                               "eval": {"examples": 4, "truncated": 1, "dropped": 0}}
     moved.parent.mkdir()
     first.rename(moved)
     resume = ["--dataset", str(moved), "--max_length", "64", "--resume_from", "latest"]
