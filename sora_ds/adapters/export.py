@@ -86,8 +86,10 @@ def peft_adapter(model: nn.Module, base_model_name_or_path: str | None = None):
     return lora_config, state
 
 
-def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write the pruned adapter as a PEFT LoRA directory (``adapter_config.json`` + safetensors), atomically.
+def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
+                tokenizer=None) -> Path:
+    """Write the pruned adapter as a PEFT LoRA directory (``adapter_config.json`` + safetensors), atomically; with
+    ``tokenizer``, its files too (what serving the adapter needs besides the base, as the Trainer saves them).
 
     Under ZeRO-3 every rank must call this (the adapter is gathered); only global rank 0 writes.
     """
@@ -100,6 +102,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
             lora_config.save_pretrained(tmp)
             state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
             save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     return out_dir
 
 

@@ -271,7 +271,7 @@ def _config_dict(lora_config) -> dict:
 
 
 def export_format(model: nn.Module, fmt: str, out_dir: str | os.PathLike,
-                  base_model_name_or_path: str | None = None) -> dict | None:
+                  base_model_name_or_path: str | None = None, tokenizer=None) -> dict | None:
     """Write ``model``'s adapter in format ``fmt`` (:data:`EXPORT_FORMATS`) to ``out_dir``, atomically.
 
     Adapter formats: under ZeRO-3 every rank must call this (the adapter is gathered); only global rank 0 writes, and
@@ -284,7 +284,7 @@ def export_format(model: nn.Module, fmt: str, out_dir: str | os.PathLike,
     if fmt not in ADAPTER_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
     if fmt == "peft":
-        export_peft(model, out_dir, base_model_name_or_path)  # unchanged writer: checkpoints share it
+        export_peft(model, out_dir, base_model_name_or_path, tokenizer)  # the writer checkpoints share
         return write_record(out_dir, fmt) if _global_rank() == 0 else None
     lora_config, state = peft_adapter(model, base_model_name_or_path)
     shapes = {name: (m.in_features, m.out_features) for name, m in adapter_layers(model)}
@@ -292,6 +292,8 @@ def export_format(model: nn.Module, fmt: str, out_dir: str | os.PathLike,
         return None
     config, state = in_format(fmt, _config_dict(lora_config), state, shapes)
     with atomic_dir(Path(out_dir)) as tmp:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         return write_adapter(tmp, fmt, config, state)
 
 

@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None, default_config: str | Path | None = None
         print(recipe_usage(script, default_config, method))
         raise SystemExit(0)
     debug = "--debug" in argv or os.environ.get("SORA_DS_DEBUG") == "1"
-    argv = [a for a in argv if a != "--debug"]
+    if "--verbose" not in argv and os.environ.get("SORA_DS_VERBOSE") != "1":
+        quiet_third_party()
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
     try:
         return train(load_config(argv, default_config))[1]
     except TrainingStopped as e:
@@ -92,6 +94,19 @@ def main(argv: list[str] | None = None, default_config: str | Path | None = None
             raise
         _say(f"error: {e}" + ("" if isinstance(e, RankTimeout) else " (--debug shows the traceback)"))
         raise SystemExit(1 if isinstance(e, RankTimeout) else 2) from None
+
+
+def quiet_third_party() -> None:
+    """Known noise of the libraries underneath, which buries the run's own lines: DeepSpeed's accelerator guess on a
+    machine without a GPU (said once per process) and the deprecation warnings of transformers, torch, accelerate
+    and DeepSpeed (about their APIs, not the user's run). ``--verbose`` keeps them."""
+    import warnings
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
+    for module in ("transformers", "torch", "accelerate", "deepspeed", "peft"):
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=module)
 
 
 def _say(message: str) -> None:
@@ -131,6 +146,7 @@ class Run:
     started: float
     trainable: list  # the prepared model's trainable parameters (what is clipped)
     identity: dict  # the settings a checkpoint records so that a resume can be checked (recipe/resume.py)
+    tokenizer: Any  # saved beside every exported adapter
     data_counts: dict  # records read; examples, truncated and dropped of each split (build_datasets)
     stop: StopRequest = field(default_factory=StopRequest)
     heartbeat: Heartbeat | None = None
@@ -263,7 +279,7 @@ def start(cfg: TrainConfig) -> Run:
               lr_scheduler=lr_scheduler, batches=micro_batches(train_dl, progress["micro_batches"]), eval_dl=eval_dl,
               mem_dl=mem_dl, shapes={n: (m.in_features, m.out_features) for n, m in adapter_layers(plain)},
               progress=progress, stages=StageRecorder.from_dicts(progress["stages"]), started=started, trainable=trainable,
-              identity=ident, data_counts=data_counts, heartbeat=Heartbeat().start())
+              identity=ident, tokenizer=tokenizer, data_counts=data_counts, heartbeat=Heartbeat().start())
     open_logs(run, resumed=resume is not None)
     model.train()
     run.started_training = time.perf_counter()
@@ -437,7 +453,7 @@ def export_adapters(run: Run) -> dict[str, dict]:
     for fmt in cfg.export_formats:
         folder = "adapter" if fmt == "peft" else f"adapter_{fmt}"
         try:
-            record = export_format(run.plain, fmt, out / folder, base_model_name_or_path=base)
+            record = export_format(run.plain, fmt, out / folder, base_model_name_or_path=base, tokenizer=run.tokenizer)
         except ValueError as e:  # a rank above vLLM's largest bucket: the other formats are still written
             run.accelerator.print(f"export_formats: {fmt} not written: {e}")
             record = {"format": fmt, "error": str(e)}

@@ -54,10 +54,11 @@ def recipe_usage(script: str, default_config: str | Path | None, method: str | N
     yaml_values = _read_yaml(str(default_config)) if default_config else {}
     method = method or yaml_values.get("method", "sora")
     lines = [
-        f"usage: accelerate launch {script} [--config FILE.yaml] [--KEY VALUE ...] [--debug]",
+        f"usage: accelerate launch {script} [--config FILE.yaml] [--KEY VALUE ...] [--debug] [--verbose]",
         "",
         f"Without --config it runs {os.path.relpath(default_config)}." if default_config else "",
-        "Values are read as YAML (--r 16, --target_modules '[q_proj, v_proj]'); --debug shows full tracebacks.",
+        "Values are read as YAML (--r 16, --target_modules '[q_proj, v_proj]'); --debug shows full tracebacks,",
+        "--verbose the libraries' own warnings (deprecations, DeepSpeed's accelerator guess), hidden by default.",
         "Defaults: the dataclass default, or the script's YAML value (marked *) where it sets one.",
         f"These are the keys of method: {method}; `--method {'adalora' if method == 'sora' else 'sora'} --help` "
         "lists the other method's.",
