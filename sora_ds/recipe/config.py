@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ class TrainConfig:
     max_length: int = 128  # tokens per example (see truncation)
     # an example longer than max_length: keep_answer keeps its last assistant turn and cuts the prompt from the left
     # (after BOS); keep_start keeps its first max_length tokens (an answer past them is dropped)
-    truncation: str = "keep_answer"
+    truncation: str = "keep_answer"  # keep_answer or keep_start: what of a too-long example is kept
     chat_template: str | None = None  # Jinja template, or the path of a .jinja file, replacing the tokenizer's own
     packing: bool = False  # several training examples per max_length row, kept apart by position_ids
     # --- adapter: flat keys of SoRAConfig / AdaLoRAConfig (see the module docstring) ---
@@ -94,6 +95,7 @@ class TrainConfig:
     lr_scheduler_type: str = "constant"  # constant, constant_with_warmup, linear or cosine
     warmup_steps: int = 0  # learning-rate warmup, in optimizer steps
     max_steps: int = 200  # optimizer steps of the run (the schedules are laid out over them)
+    num_train_epochs: float | None = None  # instead of max_steps: passes over the training split (steps computed)
     per_device_train_batch_size: int = 16  # examples per micro-batch on each process
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # 0 disables clipping
@@ -152,6 +154,10 @@ class TrainConfig:
             raise ConfigError("model_config", "must be a non-empty mapping when model_name_or_path is null")
         _check_trackers(self.report_to)
         _check_export_formats(self.export_formats)
+        if self.num_train_epochs is not None and not self.num_train_epochs > 0:
+            raise ConfigError("num_train_epochs", f"must be > 0 (or null to use max_steps), got {self.num_train_epochs!r}")
+        # A ramp left unset follows max_steps, also when max_steps is computed from num_train_epochs later.
+        self._ramp_follows_max_steps = self.sparsity is not None and self.sparsity.lambda_ramp_steps is None
         self._derive_library_configs()
         if self.method == "adalora":
             for key, default in SORA_ONLY_KEYS.items():
@@ -178,6 +184,13 @@ class TrainConfig:
                 self.sparsity = dataclasses.replace(self.sparsity, lambda_ramp_steps=self.max_steps)
         except ConfigError as e:
             raise _recipe_error(e) from None
+
+    def with_max_steps(self, max_steps: int) -> TrainConfig:
+        """This config with another run length; the library fields derived from ``max_steps`` follow it."""
+        sparsity = self.sparsity
+        if sparsity is not None and self._ramp_follows_max_steps:
+            sparsity = dataclasses.replace(sparsity, lambda_ramp_steps=None)
+        return dataclasses.replace(self, max_steps=max_steps, sparsity=sparsity)
 
     def bnb_config(self):
         """``transformers.BitsAndBytesConfig`` from ``quantization`` (dtype names as strings), or None."""
@@ -309,6 +322,7 @@ def from_flat(values: dict, sources: dict | None = None) -> TrainConfig:
     """A :class:`TrainConfig` from flat keys (YAML form), each checked against the type of the field that defines it.
     ``sources`` names where each key came from, for the error messages."""
     sources = sources or {}
+    values = _one_run_length(values, sources)
     method = values.get("method", "sora")
     _check_choice("method", method, tuple(ADAPTER_CONFIGS))
     parts: dict[type, dict] = {TrainConfig: {}, ADAPTER_CONFIGS[method]: {}, LambdaSchedule: {}}
@@ -323,11 +337,33 @@ def from_flat(values: dict, sources: dict | None = None) -> TrainConfig:
     lambdas = parts[LambdaSchedule]
     try:  # built with the derived fields: AdaLoRA's budget schedule is checked against max_steps, not a default
         adapter = ADAPTER_CONFIGS[method](**parts[ADAPTER_CONFIGS[method]], **_derived(method, max_steps, seed))
-        sparsity = None if method == "adalora" else LambdaSchedule(
-            **{**lambdas, "lambda_ramp_steps": lambdas.get("lambda_ramp_steps") or max_steps})
+        sparsity = None if method == "adalora" else LambdaSchedule(**lambdas)  # an unset ramp: max_steps
     except ConfigError as e:
         raise _recipe_error(e) from None
     return TrainConfig(**own, adapter=adapter, sparsity=sparsity)
+
+
+def _one_run_length(values: dict, sources: dict) -> dict:
+    """``max_steps`` and ``num_train_epochs`` both give the run's length: from one place that is an error; from two,
+    the command line wins over the YAML."""
+    if "max_steps" not in values or values.get("num_train_epochs") is None:
+        return values
+    where = sources.get("num_train_epochs"), sources.get("max_steps")
+    if where[0] == where[1]:
+        raise ConfigError("num_train_epochs", f"and max_steps are both set (in {where[0] or 'the config'}); the run "
+                          "length is one or the other")
+    return {k: v for k, v in values.items() if k != ("max_steps" if where[0] == "command line" else "num_train_epochs")}
+
+
+def steps_for_epochs(cfg: TrainConfig, train_examples: int, num_processes: int) -> int:
+    """Optimizer steps of ``cfg.num_train_epochs`` passes over ``train_examples`` rows (each process takes whole
+    batches of ``per_device_train_batch_size``; ``gradient_accumulation_steps`` of them per step)."""
+    batches = train_examples // (cfg.per_device_train_batch_size * num_processes)
+    if batches == 0:
+        raise ConfigError("num_train_epochs", f"the training split has {train_examples} rows, fewer than one batch of "
+                          f"per_device_train_batch_size={cfg.per_device_train_batch_size} on each of {num_processes} "
+                          "processes; lower the batch size")
+    return max(1, math.ceil(cfg.num_train_epochs * batches / cfg.gradient_accumulation_steps))
 
 
 def _derived(method: str, max_steps: int, seed: int) -> dict:

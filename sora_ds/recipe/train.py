@@ -43,7 +43,7 @@ from ..engine.deepspeed import UnsupportedDeepSpeed
 from ..engine.heartbeat import Heartbeat, is_timeout
 from . import run_dir
 from .checkpoint import keep_trainable_only, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
-from .config import TrainConfig, load_config, save_config
+from .config import TrainConfig, load_config, save_config, steps_for_epochs
 from .evaluate import evaluate
 from .interrupt import StopRequest
 from .manifest import CheckpointError
@@ -170,6 +170,7 @@ def train(cfg: TrainConfig, on_step=None):
     ``optimizer`` as accelerate prepared them); tests use it to look into the ZeRO state mid-run.
     """
     run = start(cfg)
+    cfg = run.cfg  # with num_train_epochs, max_steps is known only once the data is
     try:
         with run.stop:
             for step in range(run.progress["step"], cfg.max_steps):
@@ -239,19 +240,26 @@ def start(cfg: TrainConfig) -> Run:
     out = Path(cfg.output_dir)
     # Every check before the first byte of output: the checkpoint to resume and its settings, the output folder,
     # the data and the targets. A bad combination or malformed data fails before any model is loaded.
-    ident = identity(cfg, dataset_fingerprint(cfg.dataset, cfg.dataset_split), accelerator.num_processes,
-                     zero_stage(accelerator))
+    fingerprint = dataset_fingerprint(cfg.dataset, cfg.dataset_split)
     resume, saved = None, {}
     if cfg.resume_from:
         resume = resolve_checkpoint(cfg.resume_from, out)
         saved = read_state(resume)  # verifies the manifest: nothing of a modified checkpoint is unpickled
-        check_resume(saved, ident, cfg.resume_allow_changes, f"checkpoint {resume}")
+        if cfg.num_train_epochs is None:  # else the run length, a compared setting, is known after the data
+            check_resume(saved, identity(cfg, fingerprint, accelerator.num_processes, zero_stage(accelerator)),
+                         cfg.resume_allow_changes, f"checkpoint {resume}")
     remove = run_dir.conflicting_files(out, resume, saved.get("checkpoints", []), cfg.overwrite_output_dir)
     check_writable(out)
     check_quantization(cfg, accelerator)
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, data_counts = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed,
                                                     cfg.packing, cfg.truncation, cfg.dataset_split)
+    if cfg.num_train_epochs is not None:
+        cfg = cfg.with_max_steps(steps_for_epochs(cfg, len(train_ds), accelerator.num_processes))
+        accelerator.print(f"num_train_epochs={cfg.num_train_epochs:g}: {cfg.max_steps} optimizer steps")
+    ident = identity(cfg, fingerprint, accelerator.num_processes, zero_stage(accelerator))
+    if resume is not None and cfg.num_train_epochs is not None:
+        check_resume(saved, ident, cfg.resume_allow_changes, f"checkpoint {resume}")
     check_targets(cfg, tokenizer, accelerator)
     accelerator.wait_for_everyone()  # every rank has checked the folder before the main process changes it
     if accelerator.is_main_process:

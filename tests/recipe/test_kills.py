@@ -152,7 +152,7 @@ def test_disk_full_during_a_checkpoint_names_the_path_and_the_free_space(tmp_pat
     rc, err, left = _in_private_mount(tmp_path, "size=640k", "--max_steps", "4", *SHORT, "--output_dir",
                                       str(tmp_path / "mnt" / "out"))
     assert rc == 2, err[-3000:]
-    last = err.strip().splitlines()[-1]
+    last = next(line for line in err.splitlines() if line.startswith("sora-ds: "))  # (the progress bar ends last)
     assert last.startswith("sora-ds: error: checkpoint at step 2: writing ") and "failed: disk full" in last, last
     assert "free on its filesystem" in last
     assert left == []  # the failed save removed its temporary folder; no checkpoint, no `latest`
@@ -183,7 +183,7 @@ def test_ctrl_c_on_two_ranks_stops_both_after_the_same_step_with_one_checkpoint(
     wait_for(lambda: (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3, proc, "three logged steps")
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the group gets it
     proc.wait(timeout=120)
-    stops = re.findall(r"sora-ds: SIGINT: stopped after step (\d+); checkpoint (\S+);", log.read_text())
+    stops = re.findall(r"sora-ds: \[rank \d\] SIGINT: stopped after step (\d+); checkpoint (\S+);", log.read_text())
     assert len(stops) == 2 and stops[0] == stops[1], log.read_text()[-3000:]
     step = int(stops[0][0])
     assert metrics(out)[-1]["step"] == step

@@ -215,10 +215,35 @@ def test_keep_fraction_resumes_with_the_controller_state(keep_half_run, tmp_path
 
     with pytest.raises(Crash):
         train(load_config(args, SORA_DEMO), on_step=crash_at_24)
-    assert json.loads((tmp_path / "checkpoints" / "step-0000020" / "trainer_state.json").read_text())["lambda"] > 0
+    assert json.loads((tmp_path / "checkpoints" / "checkpoint-20" / "trainer_state.json").read_text())["lambda"] > 0
     train(load_config([*args, "--resume_from", "latest"], SORA_DEMO))
     got, want = metrics(tmp_path), metrics(reference)
     assert [r["step"] for r in got] == list(range(1, 41))
     assert [r["lambda"] for r in got] == pytest.approx([r["lambda"] for r in want], rel=1e-12)
     assert [r["kept_fraction"] for r in got] == [r["kept_fraction"] for r in want]
     assert_same_losses(tmp_path, reference)
+
+
+def test_num_train_epochs_sets_the_run_length_and_the_schedules_follow(tmp_path):
+    """Two passes over the training split: max_steps, the lambda ramp (unset, so over the whole run) and config.yaml
+    all say the computed length."""
+    import yaml
+
+    cfg = load_config(["--num_train_epochs", "2", "--lambda_schedule", "linear", "--log_every", "1", "--eval_every",
+                       "0", "--per_device_train_batch_size", "32", "--output_dir", str(tmp_path)], SORA_DEMO)
+    _, summary = train(cfg)
+    rows = summary["data"]["train"]["examples"]
+    steps = 2 * (rows // 32)
+    assert summary["steps"] == steps and [r["step"] for r in metrics(tmp_path)] == list(range(1, steps + 1))
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (saved["max_steps"], saved["lambda_ramp_steps"], saved["num_train_epochs"]) == (steps, steps, 2.0)
+    assert metrics(tmp_path)[-1]["lambda"] == pytest.approx(cfg.sparsity.sparse_lambda * (steps - 1) / steps)
+
+
+def test_num_train_epochs_and_max_steps_in_one_place_is_an_error_the_command_line_wins(tmp_path):
+    from sora_ds.recipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^num_train_epochs and max_steps are both set \(in command line\)"):
+        load_config(["--num_train_epochs", "1", "--max_steps", "5"], SORA_DEMO)
+    cfg = load_config(["--num_train_epochs", "1"], SORA_DEMO)  # the demo YAML's max_steps gives way
+    assert cfg.num_train_epochs == 1.0
