@@ -195,6 +195,7 @@ def train(cfg: TrainConfig, on_step=None):
         raise
     finally:
         run.heartbeat.stop()
+        run.bar.close()  # ends the bar's line, so an error message starts on its own
     return run.plain, finish(run)
 
 
