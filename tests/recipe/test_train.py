@@ -19,8 +19,10 @@ from sora_ds.recipe.train import train
 from tests.support import (
     REPO,
     SORA_DEMO,
+    Crash,
     assert_run_reloads_in_peft,
     assert_same_losses,
+    crash_at,
     metrics,
 )
 
@@ -206,15 +208,8 @@ def test_keep_fraction_resumes_with_the_controller_state(keep_half_run, tmp_path
     reference, _ = keep_half_run
     args = [*KEEP_HALF, "--save_every", "20", "--output_dir", str(tmp_path)]
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_24(step, model, optimizer):
-        if step == 24:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(load_config(args, SORA_DEMO), on_step=crash_at_24)
+        train(load_config(args, SORA_DEMO), on_step=crash_at(24))
     assert json.loads((tmp_path / "checkpoints" / "checkpoint-20" / "trainer_state.json").read_text())["lambda"] > 0
     train(load_config([*args, "--resume_from", "latest"], SORA_DEMO))
     got, want = metrics(tmp_path), metrics(reference)
