@@ -81,18 +81,25 @@ def module_scales(config: dict, names: list[str]) -> dict[str, float]:
 def sibling_shapes(shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
     """``shapes`` (module -> (in, out)) plus every module missing from a layer that its type has in another layer,
     with that type's shape: a pruned module left out of a compact adapter (whose folder no longer names it)."""
-    by_type: dict[str, tuple[int, int]] = {}
-    layers = set()
-    for name, shape in shapes.items():
-        m = _LAYER.search(name)
-        if m:
-            layers.add(m.group(1))
-            by_type.setdefault(_LAYER.sub(".{}.", name, count=1), shape)
+    layers, types = _by_type(shapes)
     filled = dict(shapes)
-    for template, shape in by_type.items():
+    for template, per_layer in types.items():
+        shape = next(iter(per_layer.values()))
         for layer in layers:
             filled.setdefault(template.replace("{}", layer, 1), shape)
     return filled
+
+
+def _by_type(values: dict[str, object]) -> tuple[set[str], dict[str, dict[str, object]]]:
+    """The layer indices of module names, and per module type (the name with its layer index as ``{}``) the value
+    of each layer that has it, from ``values`` (module -> value)."""
+    layers, types = set(), {}
+    for name, value in values.items():
+        m = _LAYER.search(name)
+        if m:
+            layers.add(m.group(1))
+            types.setdefault(_LAYER.sub(".{}.", name, count=1), {})[m.group(1)] = value
+    return layers, types
 
 
 def uniform_adapter(config: dict, state: dict[str, torch.Tensor], rank: int | None = None,
@@ -180,13 +187,7 @@ def compatibility(config: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str,
 
 
 def _lorax_verdict(ranks: dict[str, int], uniform_scale: bool, to_save: bool) -> str:
-    types: dict[str, dict[str, int]] = {}
-    layers = set()
-    for name, rank in ranks.items():
-        m = _LAYER.search(name)
-        if m:
-            layers.add(m.group(1))
-            types.setdefault(_LAYER.sub(".{}.", name, count=1), {})[m.group(1)] = rank
+    layers, types = _by_type(ranks)
     for template, per_layer in sorted(types.items()):
         if len(set(per_layer.values())) > 1:
             return (f"refused: ranks differ within module type {template.rsplit('.', 1)[-1]} "

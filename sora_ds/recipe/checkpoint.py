@@ -143,7 +143,8 @@ def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
             raise CheckpointError(f"resume_from='latest' but {root / 'latest'} names no checkpoint (none saved yet)")
     else:
         path = Path(resume_from)
-        path = path.parent / os.readlink(path) if path.is_symlink() and path.name == "latest" else path
+        if path.is_symlink() and path.name == "latest":  # the checkpoint it names (its own name says which step)
+            path = latest_checkpoint(path.parent) or path
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"resume_from={resume_from!r}: {path} is not a complete sora-ds checkpoint")
     return path

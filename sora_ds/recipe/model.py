@@ -26,8 +26,9 @@ def build_accelerator(cfg: TrainConfig):
     gpu = torch.cuda.is_available()
     handlers = []
     if multi:  # the timeout is what turns a rank that stopped responding into an error instead of a silent hang
-        default_collective_timeout(dist_timeout(cfg, gpu))  # DeepSpeed's own groups too
-        timeout = timedelta(seconds=dist_timeout(cfg, gpu))
+        seconds = dist_timeout(cfg, gpu)
+        default_collective_timeout(seconds)  # DeepSpeed's own groups too
+        timeout = timedelta(seconds=seconds)
         handlers = [InitProcessGroupKwargs(timeout=timeout) if gpu else InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     plugin = GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False)
     ds_plugin = None

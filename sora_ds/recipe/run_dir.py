@@ -50,7 +50,7 @@ def prepare(out: Path, remove: list[Path], resumed: Path | None) -> None:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     root = out / "checkpoints"
     remove_partial_saves(root)
-    for name in ("adapter", "adapter_uniform", "adapter_vllm", "merged", "base_model"):  # atomic_dir's temporary folders of a killed earlier run
+    for name in RUN_FILES:  # atomic_dir's temporary folders (".NAME.tmp-*") of a killed earlier run
         for tmp in out.glob(f".{name}.tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
     if resumed is not None and remove and resumed.resolve().parent == root.resolve():

@@ -485,15 +485,16 @@ def finish(run: Run, stopped: str | None = None) -> dict:
     train_time = time.perf_counter() - run.started_training
     final = evaluate(run.model, run.eval_dl, accelerator) if run.eval_dl is not None else {"loss": math.nan, "token_accuracy": math.nan}
     report = rank_report(plain)
+    kept, initial = (sum(r[k] for r in report.values()) for k in ("kept", "initial"))
     formats = export_adapters(run) if stopped is None else {}
     summary = {
         "method": cfg.method,
         "initial_ranks": {n: r["initial"] for n, r in report.items()},
         "kept_ranks": {n: r["kept"] for n, r in report.items()},
-        "total_initial_ranks": sum(r["initial"] for r in report.values()),
-        "total_kept_ranks": sum(r["kept"] for r in report.values()),
+        "total_initial_ranks": initial,
+        "total_kept_ranks": kept,
         "keep_fraction": cfg.sparsity.keep_fraction if cfg.sparsity is not None else None,
-        "kept_fraction": sum(r["kept"] for r in report.values()) / sum(r["initial"] for r in report.values()),
+        "kept_fraction": kept / initial,
         "retained_adapter_param_fraction": retained_fraction(report, run.shapes),
         "final_eval_loss": final["loss"],
         "final_eval_token_accuracy": final["token_accuracy"],
