@@ -5,7 +5,8 @@ import trl
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, default_data_collator
 
-from sora_ds import AdaLoRAConfig, LambdaSchedule, SoRAConfig, export_peft, inject
+from sora_ds import AdaLoRAConfig, LambdaSchedule, SoRAConfig, export_peft, inject, rank_report
+from sora_ds.data.tokenizer import build_byte_tokenizer
 from sora_ds.recipe.hf_trainer import AdapterTrainer, AdapterTrainerMixin
 
 torch.manual_seed(0)
@@ -26,7 +27,23 @@ trainer.train()
 export_peft(trainer.model, "adapter/")
 
 
-class SoRASFTTrainer(AdapterTrainerMixin, trl.SFTTrainer): ...   # any Trainer subclass
+# TRL's SFTTrainer (any Trainer subclass): the mixin goes first. Prompt-completion text, loss on the completions.
+class SoRASFTTrainer(AdapterTrainerMixin, trl.SFTTrainer): ...
+
+
+tokenizer = build_byte_tokenizer()  # offline; any tokenizer works (AutoTokenizer.from_pretrained(...))
+pairs = Dataset.from_dict({"prompt": [f"{a} + {b} = " for a in range(8) for b in range(4)],
+                           "completion": [f"{a + b}" for a in range(8) for b in range(4)]})
+model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     pad_token_id=tokenizer.pad_token_id))
+inject(model, SoRAConfig(r=8, target_modules=["q_proj", "v_proj"]))
+sft_args = trl.SFTConfig(output_dir="sft_out", max_steps=10, per_device_train_batch_size=8, learning_rate=1e-2,
+                         logging_steps=5, report_to=[], save_strategy="no", use_cpu=True, bf16=False)
+trainer = SoRASFTTrainer(model=model, args=sft_args, train_dataset=pairs, processing_class=tokenizer,
+                         sora_schedule=1e-3, threshold_mode="absolute")
+trainer.train()
+print("SFTTrainer kept ranks:", {name: r["kept"] for name, r in rank_report(trainer.model).items()})
 
 
 # AdaLoRA: inject an AdaLoRAConfig instead; total_step = the Trainer's max_steps. No update_and_allocate call.

@@ -7,6 +7,7 @@
     sora-ds report outputs/run                                        # kept-rank table, heatmap, sparsity figures
     sora-ds import-gguf smollm2 models/smollm2-135m-instruct          # a GGUF -> a model folder, no hub, no compile
     sora-ds preview --config my_run.yaml -n 3                         # 3 training examples as the model sees them
+    sora-ds generate for_vllm/ --prompt "Hello"                        # one reply from the adapter on its base (PEFT)
 
 Checkpoints store the pruned adapter already gathered from every rank (see :mod:`sora_ds.recipe.checkpoint`), so export
 needs no GPU, no DeepSpeed and not the base model.
@@ -35,6 +36,8 @@ from ..adapters.serving import ADAPTER_FORMATS, EXPORT_FORMATS, convert_adapter,
 from ..data.records import DataError
 from ..engine.atomic import atomic_dir
 from .checkpoint import STATE_FILE, latest_checkpoint
+from .generate import GenerateError, load_with_adapter, reply
+from .generate import __doc__ as generate_doc
 from .gguf import INSTALL, SMOLLM2, GGUFError, find_gguf, load_gguf
 from .outputs import (
     OutputError,
@@ -259,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
                                    "⟦like this⟧, or in green on a terminal. Look for what the template adds: a "
                                    "default system prompt, BOS, end-of-turn tokens.")
     p.add_argument("-n", type=int, default=3, metavar="N", help="examples to print (default: 3)")
+    p = sub.add_parser("generate", help="one greedy reply from an adapter on its base model (a smoke test of an export)",
+                       description=generate_doc.split("\n\n")[1])
+    p.add_argument("source", type=Path, metavar="ADAPTER",
+                   help="an adapter folder in any export format, a checkpoint folder or a run's output_dir; only read")
+    p.add_argument("--prompt", required=True, help="the user turn to answer")
+    p.add_argument("--base", default=None,
+                   help="the base model (folder or Hub id); default: the one adapter_config.json names")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="the longest reply, in tokens (default: 64)")
     args, config_args = parser.parse_known_args(argv)
     if config_args and args.command != "preview":
         parser.error(f"unrecognized arguments: {' '.join(config_args)}")
@@ -272,11 +283,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "import-gguf":
             gguf = import_gguf(args.source, args.out, args.overwrite)
             print(f"imported {gguf} -> {args.out} (model_name_or_path: {args.out})")
+        elif args.command == "generate":
+            from .train import quiet_third_party
+
+            quiet_third_party()
+            print(reply(*load_with_adapter(find_adapter(args.source), args.base), args.prompt, args.max_new_tokens))
         elif args.command == "preview":
             print(preview(config_args, args.n, sys.stdout.isatty()))
         else:
             print(report(args.run_dir))
-    except (CLIError, OutputError, GGUFError, ConfigError, DataError) as e:
+    except (CLIError, OutputError, GGUFError, ConfigError, DataError, GenerateError) as e:
         print(f"sora-ds {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -20,6 +20,8 @@ def build_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 
+    from .trackers import trackers
+
     # Launched on several processes without a GPU, accelerate would pick no backend (and DeepSpeed would then see
     # one process): ask for gloo. A plain single process must not ask, or accelerate expects a process group.
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -41,7 +43,7 @@ def build_accelerator(cfg: TrainConfig):
         gradient_accumulation_plugin=plugin,
         kwargs_handlers=handlers,
         deepspeed_plugin=ds_plugin,
-        log_with=cfg.report_to or None,
+        log_with=trackers(cfg.report_to, cfg.output_dir) or None,
         project_dir=cfg.output_dir,
     )
     if multi and accelerator.distributed_type == DistributedType.NO:

@@ -337,8 +337,13 @@ def open_logs(run: Run, resumed: bool) -> None:
     """Trackers, ``metrics.jsonl`` (cut back to the resumed step) and the progress bar."""
     cfg, accelerator = run.cfg, run.accelerator
     if cfg.report_to:
+        from .trackers import RunTensorBoard
+
         # Trackers take scalars (TensorBoard's hparams): lists and mappings go in as their text.
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()}
+        for tracker in accelerator.log_with:
+            if isinstance(tracker, RunTensorBoard):
+                tracker.resume_at(run.progress["step"] if resumed else 0)
         accelerator.init_trackers(run.out.resolve().name, config=hparams)
     if accelerator.is_main_process:
         lines = run.metrics_path.read_text().splitlines(keepends=True) if resumed and run.metrics_path.is_file() else []

@@ -100,3 +100,17 @@ def test_console_script_is_installed():
     assert exe, "the sora-ds console script is not on PATH (pip install -e . registers it)"
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "export" in proc.stdout and "merge" in proc.stdout
+
+
+def test_generate_answers_from_the_export_like_the_compact_adapter(run_dir, tmp_path, capsys):
+    """`sora-ds generate` on the vLLM-format folder gives the greedy reply of the compact adapter, cut at the chat
+    template's end-of-turn token; a base that is not there is one line naming it."""
+    from sora_ds.recipe.generate import load_with_adapter, reply, stop_ids
+
+    assert main(["generate", str(run_dir / "adapter_vllm"), "--prompt", "repeat: owl", "--max_new_tokens", "12"]) == 0
+    said = capsys.readouterr().out.strip()
+    model, tokenizer = load_with_adapter(run_dir / "adapter")
+    assert said == reply(model, tokenizer, "repeat: owl", 12).strip()
+    assert stop_ids(tokenizer) == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")})
+    assert main(["generate", str(run_dir), "--prompt", "x", "--base", str(tmp_path / "gone")]) == 2
+    assert f"--base is '{tmp_path / 'gone'}': no such folder" in capsys.readouterr().err
