@@ -79,3 +79,11 @@ def dynamo_backend(cfg) -> dict:
     """The ``Accelerator`` argument for ``torch_compile``: accelerate compiles the prepared model (and a DeepSpeed
     engine through ``engine.compile``) with inductor."""
     return {"dynamo_backend": "inductor"} if cfg.torch_compile else {}
+
+
+def check_compile(cfg, accelerator) -> None:
+    """accelerate keeps the state of the first ``Accelerator`` of a process: a later run asking for
+    ``torch_compile`` would silently run uncompiled."""
+    if cfg.torch_compile and accelerator.state.dynamo_plugin.backend.value == "NO":
+        raise ConfigError("torch_compile", "=True cannot take effect: accelerate was set up earlier in this process "
+                                           "without compilation; run it in a fresh process (e.g. the recipe script)")

@@ -14,7 +14,7 @@ from ..engine import check_deepspeed_version, without_zero_init, zero_stage
 from ..engine.heartbeat import default_collective_timeout
 from ..engine.atomic import atomic_dir
 from .config import ConfigError, TrainConfig, chat_template_text
-from .kernels import apply_liger, dynamo_backend
+from .kernels import apply_liger, check_compile, dynamo_backend
 
 
 def build_accelerator(cfg: TrainConfig):
@@ -46,6 +46,7 @@ def build_accelerator(cfg: TrainConfig):
         project_dir=cfg.output_dir,
         **dynamo_backend(cfg),
     )
+    check_compile(cfg, accelerator)
     if multi and accelerator.distributed_type == DistributedType.NO:
         # accelerate's MULTI_GPU type on a machine without a GPU falls back to NO: the processes would each train
         # alone (no gradient averaging, no barriers) and overwrite each other's outputs.
