@@ -37,7 +37,7 @@ What it measures (one process, arms one after another, each on a fresh base)
 Commands
     GPU (one H100/H200; about 3-5 minutes, well inside 8)::
 
-        python bench/gpu.py --json bench/results/gpu.json
+        python bench/gpu.py --json /tmp/gpu.json
 
     CPU smoke run of the same code on a tiny Llama (fp32, sdpa; seconds; what the test suite runs)::
 
