@@ -19,17 +19,18 @@ What it measures (one process, arms one after another, each on a fresh base)
         3. AdaLoRA (sora-ds): ``AdaLoRAConfig(r, target_r=r/2, delta_t=1)`` with every timed step inside the
            budget-decreasing phase (importance scores and re-allocation at every step: the worst case), plus the
            orthogonality penalty (weight 0.5) as the recipe adds it;
-        4. PEFT QLoRA and 5. SoRA on a 4-bit NF4 base (double quant, bf16 compute and storage), loaded through
+        4. PEFT AdaLoRA with the same schedule (``update_and_allocate`` after every step), for reference;
+        5. PEFT QLoRA and 6. SoRA on a 4-bit NF4 base (double quant, bf16 compute and storage), loaded through
            ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` from a copy of the same bf16 base saved
            to a temporary folder, as users load QLoRA;
-        6. SoRA under DeepSpeed ZeRO-3 on one process (``ds_configs/zero3.json`` with accelerate's ``auto`` values,
+        7. SoRA under DeepSpeed ZeRO-3 on one process (``ds_configs/zero3.json`` with accelerate's ``auto`` values,
            bf16), the engine's own forward / backward / step: the engine's overhead against arm 2.
     * Per arm: ``--warmup`` untimed steps, then ``--steps`` timed ones (forward with labels, backward, optimizer step,
       ``zero_grad``; the device synchronised before and after each). tokens/s = tokens/step / median step time;
       MFU = FLOPs/token x tokens/s / the device's dense bf16 peak (``sora_ds.recipe.throughput``: ``4 x`` the base's
       matmul params + attention + ``6 x`` adapter params; peak by device name, or ``--peak-flops``; None unknown);
       peak memory = ``torch.cuda.max_memory_allocated`` since the arm's base was built (weights included).
-    * Ratios: tokens/s of SoRA and AdaLoRA over PEFT LoRA; of SoRA-4bit over PEFT QLoRA; of ZeRO-3 over plain SoRA;
+    * Ratios: tokens/s of SoRA, AdaLoRA and PEFT AdaLoRA over PEFT LoRA; of SoRA-4bit over PEFT QLoRA; of ZeRO-3 over plain SoRA;
       peak memory of each 4-bit arm over its bf16 arm. The targets of issue 18 are printed beside them (reported,
       not asserted): SoRA >= 0.97 x LoRA, AdaLoRA >= 0.92 x LoRA, LoRA MFU >= 35 % (with FlashAttention and Liger),
       QLoRA peak memory <= 0.45 x bf16.
@@ -63,7 +64,8 @@ TINY = dict(hidden_size=64, layers=2, intermediate_size=128, heads=4, kv_heads=2
 TARGETS = {"sora_over_lora": 0.97, "adalora_over_lora": 0.92, "lora_mfu": 0.35, "qlora_memory_over_bf16": 0.45}
 SPARSE_LAMBDA = 1e-6
 ORTH_WEIGHT = 0.5
-ARMS = {"lora": "PEFT LoRA", "sora": "SoRA", "adalora": "AdaLoRA (sora-ds)", "qlora": "PEFT QLoRA (nf4)",
+ARMS = {"lora": "PEFT LoRA", "sora": "SoRA", "adalora": "AdaLoRA (sora-ds)", "peft_adalora": "PEFT AdaLoRA",
+        "qlora": "PEFT QLoRA (nf4)",
         "sora_4bit": "SoRA (nf4)", "sora_zero3": "SoRA ZeRO-3 (1 proc)"}
 
 
@@ -78,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn", choices=("auto", "flash_attention_2", "sdpa", "eager"), default="auto",
                    help="attention kernel; auto: flash_attention_2 where flash_attn and CUDA are present, else sdpa")
     p.add_argument("--no-liger", action="store_true", help="do not apply Liger's kernels even where installed")
-    p.add_argument("--only", default="lora,sora,adalora,qlora,sora_4bit,sora_zero3",
+    p.add_argument("--only", default=",".join(ARMS),
                    help="comma-separated arms to run (lora is needed for the ratios)")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of the device (default: by its name)")
     h.run_args(p.add_argument_group("run"), "seed", "json")
@@ -199,17 +201,37 @@ def sora(model, args, fused: bool) -> h.Arm:
                                                     fused=fused))
 
 
+def budget_schedule(args) -> dict:
+    """AdaLoRA's schedule for both implementations: the first step keeps the full budget, every later timed step
+    lies in the budget-decreasing phase and re-allocates (delta_t 1): the worst case."""
+    t_init = min(1, args.warmup)
+    return {"t_init": t_init, "t_final": 1, "total_step": args.warmup + args.steps + 2}
+
+
 def adalora(model, args, fused: bool) -> h.Arm:
-    """Every timed step in the budget-decreasing phase, re-allocating at each (delta_t 1)."""
+    """sora-ds AdaLoRA: the allocator runs inside the optimizer step; the orthogonality penalty as the recipe adds it."""
     import sora_ds
 
-    total = args.warmup + args.steps + 2
     cfg = sora_ds.AdaLoRAConfig(r=args.rank, target_r=args.rank // 2, lora_alpha=2 * args.rank,
-                                target_modules=targets(), t_init=max(args.warmup - 1, 0), t_final=0, delta_t=1,
-                                total_step=total, orth_reg_weight=ORTH_WEIGHT, init_seed=args.seed)
+                                target_modules=targets(), delta_t=1, orth_reg_weight=ORTH_WEIGHT, init_seed=args.seed,
+                                **budget_schedule(args))
     sora_ds.inject(model, cfg)
     opt = sora_ds.build_optimizer(model, learning_rate=h.LEARNING_RATE, fused=fused)
     return h.Arm("", model, opt, penalty=lambda _: sora_ds.orth_loss(model, ORTH_WEIGHT))
+
+
+def peft_adalora(model, args, fused: bool) -> h.Arm:
+    """PEFT's AdaLoRA (its orthogonality penalty is added inside its forward); ``update_and_allocate`` after each
+    optimizer step, as PEFT asks."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    sched = budget_schedule(args)
+    model = get_peft_model(model, AdaLoraConfig(
+        init_r=args.rank, target_r=args.rank // 2, lora_alpha=2 * args.rank, target_modules=targets(), lora_dropout=0.0,
+        tinit=sched["t_init"], tfinal=sched["t_final"], total_step=sched["total_step"], deltaT=1,
+        orth_reg_weight=ORTH_WEIGHT, task_type="CAUSAL_LM"))
+    return h.Arm("", model, adamw([p for p in model.parameters() if p.requires_grad], fused),
+                 after_step=lambda arm: model.base_model.update_and_allocate(arm.t))
 
 
 class Autocast:
@@ -359,7 +381,7 @@ def run_arms(args, device, dtype, attn: str, liger: bool) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
-    builders = {"lora": peft_lora, "sora": sora, "adalora": adalora}
+    builders = {"lora": peft_lora, "sora": sora, "adalora": adalora, "peft_adalora": peft_adalora}
     for key in [k for k in builders if k in args.only]:
         fresh()
         t0 = time.perf_counter()
@@ -413,6 +435,7 @@ def ratios(results: dict) -> dict:
         return results[a]["peak_memory_gib"] / results[b]["peak_memory_gib"]
 
     return {"sora_over_lora": tps("sora", "lora"), "adalora_over_lora": tps("adalora", "lora"),
+            "peft_adalora_over_lora": tps("peft_adalora", "lora"),
             "sora_4bit_over_qlora": tps("sora_4bit", "qlora"), "zero3_over_sora": tps("sora_zero3", "sora"),
             "qlora_memory_over_bf16": mem("qlora", "lora"), "sora_4bit_memory_over_bf16": mem("sora_4bit", "sora")}
 
@@ -441,6 +464,7 @@ def print_table(results: dict, r: dict, gpu_ready: bool) -> None:
     print()
     rows = [("SoRA / PEFT LoRA tokens/s", "sora_over_lora", TARGETS["sora_over_lora"], True),
             ("AdaLoRA / PEFT LoRA tokens/s", "adalora_over_lora", TARGETS["adalora_over_lora"], True),
+            ("PEFT AdaLoRA / PEFT LoRA tokens/s", "peft_adalora_over_lora", None, True),
             ("SoRA-nf4 / PEFT QLoRA tokens/s", "sora_4bit_over_qlora", None, True),
             ("PEFT QLoRA / LoRA peak memory", "qlora_memory_over_bf16", TARGETS["qlora_memory_over_bf16"], False),
             ("SoRA-nf4 / SoRA peak memory", "sora_4bit_memory_over_bf16", TARGETS["qlora_memory_over_bf16"], False),
@@ -452,7 +476,7 @@ def print_table(results: dict, r: dict, gpu_ready: bool) -> None:
         h.row(label, f"{r[key]:.3f}", width=34, cell=10, note=f"   {note}" if note else "")
     firsts = {k: v["first_lm_loss"] for k, v in results.items()}
     print("\n  first-step LM loss (adapters start as zero: the same base and batch give the same loss within an arm "
-          "group):\n    " + ", ".join(f"{results[k]['arm']} {v:.4f}" for k, v in firsts.items()))
+          "group; PEFT AdaLoRA's includes its orthogonality penalty):\n    " + ", ".join(f"{results[k]['arm']} {v:.4f}" for k, v in firsts.items()))
     lora_mfu = results.get("lora", {}).get("mfu")
     if lora_mfu is not None:
         h.row("PEFT LoRA MFU", f"{lora_mfu:.1%}", width=34, cell=10,
