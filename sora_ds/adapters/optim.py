@@ -59,6 +59,7 @@ def build_optimizer(
     gate_learning_rate: float | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    fused: bool = False,
 ) -> AdapterAdamW:
     """A :class:`AdapterAdamW` over every trainable parameter of ``model``.
 
@@ -68,16 +69,21 @@ def build_optimizer(
     the adapter is one ``adalora`` group (Q, P, E with ``weight_decay``, as PEFT's AdaLoRA trains them) driven by a
     :class:`~sora_ds.adapters.allocator.RankAllocator`; ``sparse_lambda``, ``threshold_mode`` and ``gate_learning_rate`` do
     not apply.
+
+    ``fused``: torch's fused AdamW kernel (one kernel for the whole update; CUDA, and CPU since torch 2.4) instead
+    of the ``foreach`` one. The proximal step on the gates and AdaLoRA's allocator run after it either way, on the
+    updated values (:meth:`AdapterAdamW.step`).
     """
     if learning_rate <= 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+    kernel = {"fused": True} if fused else {"foreach": True}  # torch refuses both together
     config = getattr(model, "adapter_config", None)
     if isinstance(config, AdaLoRAConfig):
         allocator = RankAllocator(list(adapter_layers(model)), config)
         adapter = allocator.parameters()
         groups = [{"params": adapter, "weight_decay": weight_decay, "adalora": True},
                   *_other_groups(model, {id(p) for p in adapter}, weight_decay)]
-        optimizer = AdapterAdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps, foreach=True)
+        optimizer = AdapterAdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps, **kernel)
         optimizer.rank_allocator = allocator
         return optimizer
     if threshold_mode not in THRESHOLD_MODES:
@@ -103,7 +109,7 @@ def build_optimizer(
     groups = [g for g in groups if g["params"]]
     # foreach: one batched kernel per op over all tensors (torch picks it on CUDA already, not on CPU), which
     # matters here because SoRA adds many tiny gate tensors.
-    return AdapterAdamW(groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+    return AdapterAdamW(groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, **kernel)
 
 
 def _other_groups(model: nn.Module, adapter_ids: set[int], weight_decay: float) -> list[dict]:

@@ -553,14 +553,21 @@ def training_examples(source: str | Path | None, tokenizer, max_length: int, eva
         yield records[i].where, row, truncated
 
 
-def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(features: list[dict], pad_token_id: int, flatten: bool = False) -> dict[str, torch.Tensor]:
     """Right-pad a list of tokenized examples into ``long`` tensors.
 
     Packed rows (with ``position_ids``, see :mod:`sora_ds.data.packing`) get no ``attention_mask``; their padding is one
-    more sequence (positions from 0) that carries no loss.
+    more sequence (positions from 0) that carries no loss. With ``flatten`` packed rows are instead concatenated into
+    one row without padding (the layout of transformers' ``DataCollatorWithFlattening``): FlashAttention then runs
+    per example from the restarting ``position_ids``, which transformers reads only from a batch of one row.
+    Every row starts an example whose first label is masked, so nothing is predicted across a row boundary either.
+    Unpacked examples are padded whatever ``flatten`` says.
     """
     if not features:
         raise ValueError("collate needs at least one example")
+    if flatten and "position_ids" in features[0]:
+        return {key: torch.tensor([[t for f in features for t in f[key]]], dtype=torch.long)
+                for key in ("input_ids", "labels", "position_ids")}
     width = max(len(f["input_ids"]) for f in features)
 
     def pad(key: str, value: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ from ..adapters.prox import THRESHOLD_MODES
 from ..adapters.serving import ADAPTER_FORMATS
 from ..adapters.schedule import LambdaSchedule
 from ..data.chat import TRUNCATIONS
+from .kernels import check_kernel_keys
 
 TINY_LLAMA = {
     "model_type": "llama",
@@ -119,6 +120,12 @@ class TrainConfig:
     # --- distributed ---
     deepspeed_config: str | None = None  # DeepSpeed JSON, for launchers other than `accelerate launch`
     dist_timeout: int | None = None  # seconds a collective may wait for a silent rank; None: 180 on CPU, 600 on GPU
+    # --- GPU speed (checked and applied in recipe/kernels.py; metrics in recipe/throughput.py) ---
+    attn_implementation: str = "sdpa"  # sdpa, eager or flash_attention_2 (needs flash_attn and a CUDA GPU)
+    use_liger_kernel: bool = False  # Liger's Triton kernels: RMSNorm, RoPE, SwiGLU, fused linear cross-entropy
+    fused_adamw: bool | None = None  # torch's fused AdamW kernel; None: on when training on CUDA
+    torch_compile: bool = False  # torch.compile the model (inductor, through accelerate)
+    peak_flops_per_device: float | None = None  # peak FLOP/s of one device for mfu; None: known GPUs by name
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, tuple(ADAPTER_CONFIGS))
@@ -164,6 +171,7 @@ class TrainConfig:
                 if getattr(self, key) != default:
                     raise _sora_only(key, self.method)
         self.bnb_config()
+        check_kernel_keys(self)
 
     def _derive_library_configs(self) -> None:
         """Fill the library fields that recipe keys own (``total_step``, ``init_seed``, the ramp length), which also

@@ -14,6 +14,7 @@ from ..engine import check_deepspeed_version, without_zero_init, zero_stage
 from ..engine.heartbeat import default_collective_timeout
 from ..engine.atomic import atomic_dir
 from .config import ConfigError, TrainConfig, chat_template_text
+from .kernels import apply_liger, check_compile, dynamo_backend
 
 
 def build_accelerator(cfg: TrainConfig):
@@ -45,7 +46,9 @@ def build_accelerator(cfg: TrainConfig):
         deepspeed_plugin=ds_plugin,
         log_with=trackers(cfg.report_to, cfg.output_dir) or None,
         project_dir=cfg.output_dir,
+        **dynamo_backend(cfg),
     )
+    check_compile(cfg, accelerator)
     if multi and accelerator.distributed_type == DistributedType.NO:
         # accelerate's MULTI_GPU type on a machine without a GPU falls back to NO: the processes would each train
         # alone (no gradient averaging, no barriers) and overwrite each other's outputs.
@@ -96,7 +99,8 @@ def load_model(cfg: TrainConfig, path: str, quantization=None, device=None):
     extra = {"quantization_config": quantization} if quantization else {}
     if quantization and device is not None:
         extra["device_map"] = {"": device}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.torch_dtype), **extra)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.torch_dtype),
+                                                attn_implementation=cfg.attn_implementation, **extra)
 
 
 def build_base_model(cfg: TrainConfig, tokenizer, path: Path, accelerator):
@@ -115,7 +119,8 @@ def build_base_model(cfg: TrainConfig, tokenizer, path: Path, accelerator):
         # Saving inside too: with ZeRO-3 on, save_pretrained would gather (a collective) on this process alone.
         with without_zero_init(accelerator.state.deepspeed_plugin), atomic_dir(path) as tmp:
             torch.manual_seed(cfg.seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.torch_dtype))
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.torch_dtype),
+                                                     attn_implementation=cfg.attn_implementation)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
@@ -197,6 +202,8 @@ def base_model(cfg: TrainConfig, tokenizer, out: Path, accelerator):
     # Training never reads a KV cache; without one, packed rows (position_ids, no attention mask) also get their
     # block-diagonal mask (transformers only looks for packed sequences when there is no cache).
     model.config.use_cache = False
+    if cfg.use_liger_kernel:
+        apply_liger(model, zero3)
     if cfg.gradient_checkpointing:
         # Non-reentrant: correct with a frozen base (no inputs needing grad) and under ZeRO-3.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -21,6 +21,8 @@ FREE = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from", "resume_allow_changes", "log_every", "eval_every",
     "save_every", "save_total_limit", "report_to", "save_merged", "export_formats", "gradient_checkpointing", "dist_timeout",
     "deepspeed_config",  # the ZeRO stage and process count are compared instead (the JSON's path may move)
+    # which kernels compute the same maths (and the peak the MFU is divided by): speed, not the run's numbers
+    "attn_implementation", "use_liger_kernel", "fused_adamw", "torch_compile", "peak_flops_per_device",
 })
 WHY = {
     "seed": "it builds the base model and the data order",

@@ -46,11 +46,13 @@ from .checkpoint import keep_trainable_only, load_checkpoint, read_state, resolv
 from .config import TrainConfig, load_config, save_config, steps_for_epochs
 from .evaluate import evaluate
 from .interrupt import StopRequest
+from .kernels import flatten_packed, use_fused_adamw
 from .manifest import CheckpointError
 from .model import base_model, build_accelerator, check_quantization, check_targets, dist_timeout, load_tokenizer
 from .outputs import OutputError, check_writable
 from .resume import check_resume, identity
 from .summary import adapter_params, plot_rank_heatmap, rank_table, retained_fraction, serving_lines
+from .throughput import Throughput
 from .usage import recipe_usage
 
 
@@ -156,6 +158,7 @@ class Run:
     kept_fraction: float | None = None  # SoRA: non-zero gate entries over all of them, on all ranks, after the last step
     started_training: float = 0.0  # set when the first step is about to run
     window: Window = field(default_factory=lambda: Window())  # what the next metrics record averages
+    meter: Any = None  # tokens/s per device, MFU, peak memory (recipe/throughput.py)
     bar: Any = None
 
     @property
@@ -269,7 +272,7 @@ def start(cfg: TrainConfig) -> Run:
     accelerator.wait_for_everyone()
     plain = base_model(cfg, tokenizer, out, accelerator)
     inject(plain, cfg.adapter)
-    optimizer, lr_scheduler = build_optimizer_and_schedule(cfg, plain)
+    optimizer, lr_scheduler = build_optimizer_and_schedule(cfg, plain, use_fused_adamw(cfg, accelerator.device))
     train_dl, eval_dl, mem_dl = loaders(cfg, tokenizer, train_ds, eval_ds)
     keep_trainable_only(accelerator, plain)
     model, optimizer, train_dl, lr_scheduler = accelerator.prepare(plain, optimizer, train_dl, lr_scheduler)
@@ -289,6 +292,8 @@ def start(cfg: TrainConfig) -> Run:
               mem_dl=mem_dl, shapes={n: (m.in_features, m.out_features) for n, m in adapter_layers(plain)},
               progress=progress, stages=StageRecorder.from_dicts(progress["stages"]), started=started, trainable=trainable,
               identity=ident, tokenizer=tokenizer, data_counts=data_counts, heartbeat=Heartbeat().start())
+    run.meter = Throughput.for_run(plain.config, adapter_params(rank_report(plain), run.shapes, "initial"),
+                                   cfg.max_length, accelerator, cfg.peak_flops_per_device)
     open_logs(run, resumed=resume is not None)
     model.train()
     run.started_training = time.perf_counter()
@@ -309,7 +314,7 @@ def first_lambda(cfg: TrainConfig) -> float | None:
     return lambdas.sparse_lambda if steered(cfg) else lambdas(0)
 
 
-def build_optimizer_and_schedule(cfg: TrainConfig, model: nn.Module):
+def build_optimizer_and_schedule(cfg: TrainConfig, model: nn.Module, fused: bool = False):
     optimizer = build_optimizer(
         model,
         learning_rate=cfg.learning_rate,
@@ -317,6 +322,7 @@ def build_optimizer_and_schedule(cfg: TrainConfig, model: nn.Module):
         sparse_lambda=first_lambda(cfg) or 0.0,
         threshold_mode=cfg.threshold_mode,
         gate_learning_rate=cfg.gate_learning_rate,
+        fused=fused,
     )
     from transformers import get_scheduler
 
@@ -327,10 +333,12 @@ def loaders(cfg: TrainConfig, tokenizer, train_ds, eval_ds) -> tuple[DataLoader,
     """Training (seeded, resumable order), held-out, and memorization (a training slice the size of the eval set)."""
     collate_fn = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
     bs = cfg.per_device_train_batch_size
-    train_dl = DataLoader(train_ds, bs, sampler=EpochSampler(len(train_ds), cfg.seed), collate_fn=collate_fn, drop_last=True)
+    flat = flatten_packed(cfg)  # packed rows as one row for FlashAttention (kernels.py); the scores one row a batch
+    train_dl = DataLoader(train_ds, bs, sampler=EpochSampler(len(train_ds), cfg.seed), drop_last=True,
+                          collate_fn=functools.partial(collate_fn, flatten=flat))
     eval_dl = DataLoader(eval_ds, bs, collate_fn=collate_fn) if eval_ds else None
     mem_ds = train_ds.select(range(min(len(train_ds), len(eval_ds) if eval_ds else 64)))
-    return train_dl, eval_dl, DataLoader(mem_ds, bs, collate_fn=collate_fn)
+    return train_dl, eval_dl, DataLoader(mem_ds, 1 if flat else bs, collate_fn=collate_fn)
 
 
 def open_logs(run: Run, resumed: bool) -> None:
@@ -424,6 +432,7 @@ def log(run: Run, done: int) -> None:
     norm = None if math.isnan(w.grad_norm) else w.grad_norm  # JSON has no NaN
     record = {"step": done, "loss": w.loss / w.steps, "lr": run.lr_scheduler.get_last_lr()[0], "grad_norm": norm,
               "tokens_per_s": w.tokens / elapsed if elapsed > 0 else math.nan,
+              **run.meter.record(w.tokens, elapsed, accelerator),
               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if cfg.sparsity is None:
         record["budget"] = adalora_budget(run.optimizer)
@@ -440,7 +449,7 @@ def log(run: Run, done: int) -> None:
     if accelerator.is_main_process:
         with run.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
+    accelerator.log({k: v for k, v in record.items() if k != "step" and not isinstance(v, list)}, step=done)
 
 
 def record_stage(run: Run, step: int) -> None:
@@ -510,6 +519,7 @@ def finish(run: Run, stopped: str | None = None) -> dict:
         "zero_stage": zero_stage(accelerator),
         **sharding_report(plain, adapter_tensors([m for _, m in adapter_layers(plain)])),
         "train_time_s": train_time,
+        "throughput": run.meter.summary(),  # run averages of the metrics records' tokens/s and mfu
         "wall_time_s": time.perf_counter() - run.started,
         "stages": run.stages.as_dicts(),
         "serving": {**serving_cost(report, run.shapes, _bytes_per_param(plain)), "formats": formats},

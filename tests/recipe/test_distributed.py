@@ -112,6 +112,10 @@ def test_zero3_two_ranks_equals_one_process(runs):
     assert (s["zero_stage"], s["num_processes"]) == (3, 2)
     # The adapter and gates were really partitioned: rank 0 held about half of every element.
     assert 0.4 < s["adapter_elements_on_rank"] / s["adapter_elements"] < 0.6
+    # Throughput: tokens/s per device is the total over 2 ranks; the FLOPs count sees whole (not sharded) adapters.
+    records = list(map(json.loads, (runs["zero3"] / "metrics.jsonl").read_text().splitlines()))
+    assert all(r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2) for r in records)
+    assert s["throughput"]["flops_per_token"] == summary(runs["single"])["throughput"]["flops_per_token"]
 
 
 def test_zero2_two_ranks_equals_one_process(runs):

@@ -1,5 +1,5 @@
-"""GPU-only paths: bf16 mixed precision and a bf16-compute 4-bit base on CUDA, SoRA and AdaLoRA. Skipped without a
-GPU."""
+"""GPU-only paths: bf16 mixed precision and a bf16-compute 4-bit base on CUDA, SoRA and AdaLoRA; the speed keys
+(FlashAttention-2, Liger, torch.compile, fused AdamW) and the throughput fields. Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
+from sora_ds.adapters.optim import unwrap_optimizer
 from sora_ds.recipe.train import train
 from sora_ds.recipe.config import load_config
-from tests.support import ADALORA_DEMO, SORA_DEMO
+from tests.support import ADALORA_DEMO, SORA_DEMO, metrics
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -70,3 +71,38 @@ def test_4bit_evals_between_steps_change_nothing_on_cuda(tmp_path):
     # (CUDA kernels may differ in the last bits between runs; the repack bug moved losses by up to 41%.)
     torch.testing.assert_close(torch.tensor([r["loss"] for r in evals]), torch.tensor([r["loss"] for r in plain]),
                                rtol=1e-4, atol=0.0)
+
+
+SPEED = {"flash_attention_2": (["--attn_implementation", "flash_attention_2"], "flash_attn"),
+         "liger": (["--use_liger_kernel", "true"], "liger_kernel"),
+         "compile": (["--torch_compile", "true"], None)}
+
+
+@pytest.mark.parametrize("name", list(SPEED))
+def test_gpu_speed_keys_train_like_the_plain_run(tmp_path, name):
+    """Packed bf16 runs with each speed key take the losses of the plain (sdpa, no Liger, uncompiled) run within bf16
+    noise; on CUDA the optimizer is fused by default, and every record has tokens/s, MFU (known GPU) and peak memory."""
+    import importlib.util
+
+    extra, package = SPEED[name]
+    if package and importlib.util.find_spec(package) is None:
+        pytest.skip(f"needs {package}")
+    if name == "compile":  # accelerate keeps the first Accelerator's state per process
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    base = ["--torch_dtype", "bfloat16", "--mixed_precision", "bf16", "--max_steps", "8", "--log_every", "1",
+            "--eval_every", "0", "--packing", "true", "--max_length", "256", "--per_device_train_batch_size", "4"]
+    train(load_config([*base, "--output_dir", str(tmp_path / "plain")], SORA_DEMO))
+    fused = []
+    train(load_config([*base, *extra, "--output_dir", str(tmp_path / name)], SORA_DEMO),
+          on_step=lambda step, model, opt: fused.append(unwrap_optimizer(opt).defaults["fused"]))
+    if name == "compile":
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert fused and all(fused)
+    plain, fast = (metrics(tmp_path / n) for n in ("plain", name))
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in fast]), torch.tensor([r["loss"] for r in plain]),
+                               rtol=3e-2, atol=0.0)
+    for r in fast:
+        assert r["tokens_per_s_per_device"] > 0 and len(r["peak_memory_gib"]) == 1 and r["peak_memory_gib"][0] > 0
+        assert r["mfu"] is None or 0 < r["mfu"] < 1
