@@ -21,6 +21,7 @@ FREE = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from", "resume_allow_changes", "log_every", "eval_every",
     "save_every", "save_total_limit", "report_to", "save_merged", "export_formats", "gradient_checkpointing", "dist_timeout",
     "deepspeed_config",  # the ZeRO stage and process count are compared instead (the JSON's path may move)
+    "eval_max_new_tokens", "eval_choices", "eval_samples",  # what is measured, not what is trained
 })
 WHY = {
     "seed": "it builds the base model and the data order",
