@@ -562,6 +562,21 @@ def build_datasets(
     return ChatData(datasets.Dataset.from_list(train_rows), evaluation, counts)
 
 
+def eval_set(source: str | Path, tokenizer, max_length: int,
+             truncation: str = "keep_answer") -> tuple[datasets.Dataset, dict[str, Any]]:
+    """Every record of ``source`` (a local file or folder) as an eval row, as :func:`build_datasets` makes the rows of
+    ``eval_source``, for evaluating an adapter without training; and the counts (``{"records", "eval": {...}}``)."""
+    _check_int("max_length", max_length, 2)
+    records = load_records(source)
+    rows, counts = _tokenize_split(records, _conversations(records), tokenizer, max_length, truncation,
+                                   AnswerTokens(tokenizer))
+    _warn(str(source), "eval", counts, max_length, truncation)
+    if not rows:
+        raise DataError(f"dataset {str(source)!r}: no example keeps an assistant token within max_length={max_length} "
+                        f"(truncation: {truncation}); increase max_length")
+    return datasets.Dataset.from_list(rows), {"records": len(records), "eval": counts}
+
+
 def training_examples(source: str | Path | None, tokenizer, max_length: int, eval_size: int | float = 0,
                       seed: int = 0, truncation: str = "keep_answer", split: str = "train"):
     """The training split's examples as :func:`build_datasets` makes them (before packing), one at a time, in file

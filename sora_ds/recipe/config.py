@@ -435,7 +435,10 @@ def _coerce(key: str, value, source: str, owner: type):
     if isinstance(value, bool) and not _type_ok(value, hint) and _type_ok("", hint):
         value = "yes" if value else "no"  # YAML 1.1 reads `mixed_precision: no` as False; the key wants the word
     if not _type_ok(value, hint):
-        raise ConfigError(key, f"(from {source}) got {value!r} of type {type(value).__name__}; expected {_hint_name(hint)}")
+        quote = ("; YAML reads unquoted yes/no/true/false/on/off as booleans: quote them, e.g. ['yes', 'no']"
+                 if isinstance(value, list) and any(isinstance(v, bool) for v in value) else "")
+        raise ConfigError(key, f"(from {source}) got {value!r} of type {type(value).__name__}; expected "
+                          f"{_hint_name(hint)}{quote}")
     union = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
     if hint is float or (float in union and int not in union):
         if isinstance(value, int):

@@ -162,6 +162,7 @@ class Evaluator:
     accelerator: object
     tokenizer: object
     out: Path | None  # where eval_samples.jsonl goes (None: nowhere)
+    samples: list[dict] = field(default_factory=list)  # of the last eval
     _last: tuple[int, dict] | None = field(default=None, repr=False)
 
     def __call__(self, model, step: int) -> dict[str, float]:
@@ -175,6 +176,7 @@ class Evaluator:
         if self.task is not None:
             found, samples = task_metrics(model, self.task, self.accelerator, self.tokenizer)
             metrics.update(found)
+            self.samples = samples
             self.show(samples, step)
         self._last = (step, metrics)
         return metrics
