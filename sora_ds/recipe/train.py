@@ -1,7 +1,8 @@
 """The training loop behind every recipe, in phases: set-up -> data -> model -> prepare -> (step -> log -> stage ->
 checkpoint)* -> finish. What the phases share is one :class:`Run`; ``Run.progress`` is what a checkpoint saves.
 
-Outputs in ``output_dir``: ``config.yaml`` (resolved config), ``metrics.jsonl``, ``summary.json``,
+Outputs in ``output_dir``: ``config.yaml`` (resolved config), ``metrics.jsonl``, ``summary.json``, ``eval_samples.jsonl``
+(with generation or candidates: see ``task_eval.py``),
 ``rank_heatmap.png``, ``adapter/`` (PEFT LoRA export; ``adapter_uniform/``, ``adapter_vllm/`` with ``export_formats``),
 ``base_model/`` (when the base was built from a config),
 ``merged/`` (with ``save_merged: true``), ``checkpoints/`` (with ``save_every``). Nothing is written before every
