@@ -23,6 +23,7 @@ from ..data.answers import choice_rows, final_answer, normalize, prompt_ids
 from ..data.batches import IGNORE_INDEX
 from ..data.chat import collate, encode_chat
 from ..data.records import DataError
+from ..engine.quantized import check_4bit_layout
 from .evaluate import evaluate
 
 SAMPLES_FILE = "eval_samples.jsonl"
@@ -101,6 +102,7 @@ def task_metrics(model, task: TaskData, accelerator, tokenizer) -> tuple[dict[st
                                     "choice" in res], dtype=torch.float64)
             if res["index"] < task.samples:
                 samples.append(res)
+    check_4bit_layout(net)  # as after evaluate(): generation runs eval-mode forwards too
     net.train(was_training)
     if world > 1:
         from accelerate.utils import gather_object
