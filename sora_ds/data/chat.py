@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import datasets
 import torch
 
+from .answers import AnswerTokens, answer_span
 from .batches import IGNORE_INDEX
 from .packing import pack_examples
 from .records import DataError, Record, preview, read_json_file
@@ -465,13 +466,18 @@ def has_labels(row: dict[str, list[int]]) -> bool:
 
 
 def _tokenize_split(records: list[Record], conversations: list[list[dict]], tokenizer, max_length: int,
-                    truncation: str) -> tuple[list[dict], dict[str, int]]:
-    """The rows that keep a supervised token within ``max_length``, and the split's counts (see :func:`build_datasets`)."""
+                    truncation: str, answers: AnswerTokens | None = None) -> tuple[list[dict], dict[str, int]]:
+    """The rows that keep a supervised token within ``max_length``, and the split's counts (see :func:`build_datasets`).
+    With ``answers`` (the eval split) each row also holds its ``messages`` and the final answer's tokens
+    (``answer_start``, ``answer_end``: see :mod:`sora_ds.data.answers`), for the task metrics."""
     rows, truncated, dropped = [], 0, 0
     for record, messages in zip(records, conversations):
         row, was_truncated = encode_record(record, messages, tokenizer, max_length, truncation)
         truncated += was_truncated
         if has_labels(row):
+            if answers is not None:
+                start, end, _ = answer_span(row["input_ids"], row["labels"], answers)
+                row = {**row, "messages": messages, "answer_start": start, "answer_end": end}
             rows.append(row)
         else:
             dropped += 1
@@ -497,6 +503,7 @@ def build_datasets(
     packing: bool = False,
     truncation: str = "keep_answer",
     split: str = "train",
+    eval_source: str | Path | None = None,
 ) -> ChatData:
     """Load, validate, split and tokenize a chat dataset.
 
@@ -513,6 +520,12 @@ def build_datasets(
     than ``max_length``, cut) and ``dropped`` (no supervised token left after
     the cut, left out; also counted as truncated).  A split that had
     truncations or drops logs one warning.
+
+    ``eval_source`` (a local file or folder, any accepted format) is the eval
+    set instead of a split: every record of ``source`` trains (``eval_size``
+    must then be 0) and ``counts["eval_records"]`` is the file's count.  Eval
+    rows carry ``messages``, ``answer_start`` and ``answer_end`` besides the
+    tokens (see :mod:`sora_ds.data.answers`).
     """
     # Check settings before the (possibly slow) load.
     _check_int("max_length", max_length, 2)
@@ -520,23 +533,48 @@ def build_datasets(
     if truncation not in TRUNCATIONS:
         raise DataError(f"truncation={truncation!r} is not allowed; choose one of {list(TRUNCATIONS)}")
 
+    if eval_source is not None and eval_size:
+        raise DataError(f"eval_size={eval_size!r} with a separate eval set ({eval_source}): every record of the "
+                        "dataset trains; set eval_size to 0")
     name = "builtin tiny_chat.jsonl" if source is None else str(source)
     records = load_records(source, split)
     conversations = _conversations(records)
     counts: dict[str, Any] = {"records": len(records)}
+    parts = {part: ([records[i] for i in indices], [conversations[i] for i in indices])
+             for part, indices in zip(("train", "eval"), split_records(len(records), eval_size, seed))}
+    if eval_source is not None:  # validated whole before anything is tokenized, like the training records
+        eval_records = load_records(eval_source)
+        parts["eval"] = (eval_records, _conversations(eval_records))
+        counts["eval_records"] = len(eval_records)
     splits = {}
-    for part, indices in zip(("train", "eval"), split_records(len(records), eval_size, seed)):
-        rows, counts[part] = _tokenize_split([records[i] for i in indices], [conversations[i] for i in indices],
-                                             tokenizer, max_length, truncation)
-        _warn(name, part, counts[part], max_length, truncation)
-        if indices and not rows:
+    for part, (part_records, part_conversations) in parts.items():
+        rows, counts[part] = _tokenize_split(part_records, part_conversations, tokenizer, max_length, truncation,
+                                             AnswerTokens(tokenizer) if part == "eval" else None)
+        where = str(eval_source) if part == "eval" and eval_source is not None else name
+        _warn(where, part, counts[part], max_length, truncation)
+        if part_records and not rows:
             other = " or use truncation: keep_answer" if truncation != "keep_answer" else ""
-            raise DataError(f"dataset {name!r}: no {part} example keeps an assistant token within "
+            raise DataError(f"dataset {where!r}: no {part} example keeps an assistant token within "
                             f"max_length={max_length} (truncation: {truncation}); increase max_length{other}")
         splits[part] = rows
     train_rows = pack_examples(splits["train"], max_length) if packing else splits["train"]
     evaluation = datasets.Dataset.from_list(splits["eval"]) if splits["eval"] else None
     return ChatData(datasets.Dataset.from_list(train_rows), evaluation, counts)
+
+
+def eval_set(source: str | Path, tokenizer, max_length: int,
+             truncation: str = "keep_answer") -> tuple[datasets.Dataset, dict[str, Any]]:
+    """Every record of ``source`` (a local file or folder) as an eval row, as :func:`build_datasets` makes the rows of
+    ``eval_source``, for evaluating an adapter without training; and the counts (``{"records", "eval": {...}}``)."""
+    _check_int("max_length", max_length, 2)
+    records = load_records(source)
+    rows, counts = _tokenize_split(records, _conversations(records), tokenizer, max_length, truncation,
+                                   AnswerTokens(tokenizer))
+    _warn(str(source), "eval", counts, max_length, truncation)
+    if not rows:
+        raise DataError(f"dataset {str(source)!r}: no example keeps an assistant token within max_length={max_length} "
+                        f"(truncation: {truncation}); increase max_length")
+    return datasets.Dataset.from_list(rows), {"records": len(records), "eval": counts}
 
 
 def training_examples(source: str | Path | None, tokenizer, max_length: int, eval_size: int | float = 0,
@@ -576,6 +614,8 @@ def collate(features: list[dict], pad_token_id: int, flatten: bool = False) -> d
         )
 
     batch = {"input_ids": pad("input_ids", pad_token_id), "labels": pad("labels", IGNORE_INDEX)}
+    if "answer_start" in features[0]:  # eval rows: the final answer's tokens, for answer-only accuracy
+        batch["answer_span"] = torch.tensor([[f["answer_start"], f["answer_end"]] for f in features], dtype=torch.long)
     if "position_ids" in features[0]:
         batch["position_ids"] = torch.tensor(
             [list(f["position_ids"]) + list(range(width - len(f["position_ids"]))) for f in features], dtype=torch.long

@@ -7,6 +7,7 @@
     sora-ds report outputs/run                                        # kept-rank table, heatmap, sparsity figures
     sora-ds import-gguf smollm2 models/smollm2-135m-instruct          # a GGUF -> a model folder, no hub, no compile
     sora-ds preview --config my_run.yaml -n 3                         # 3 training examples as the model sees them
+    sora-ds eval outputs/run --dataset test.jsonl --eval_max_new_tokens 8   # task metrics of an adapter, no training
     sora-ds generate for_vllm/ --prompt "Hello"                        # one reply from the adapter on its base (PEFT)
 
 Checkpoints store the pruned adapter already gathered from every rank (see :mod:`sora_ds.recipe.checkpoint`), so export
@@ -209,6 +210,29 @@ def preview(config_args: list[str], n: int, color: bool) -> str:
     return "\n".join(lines)
 
 
+def evaluate(source: Path, dataset: str, settings: list[str], base: str | None, out: Path | None,
+             overwrite: bool) -> str:
+    """``sora-ds eval``: the metrics of the adapter found in ``source`` on ``dataset`` (printed; with ``out``, written
+    to OUT/eval.json and OUT/eval_samples.jsonl). Arguments, data and OUT are checked before the model loads."""
+    from .eval_adapter import eval_settings, evaluate_adapter
+    from .task_eval import SAMPLES_FILE
+
+    adapter = find_adapter(source)
+    cfg = eval_settings(source, dataset, settings)
+    if out is not None:
+        _check_out(out, [source, adapter, Path(dataset)], overwrite)
+    metrics, samples, counts = evaluate_adapter(adapter, cfg, base)
+    result = {"adapter": str(adapter), "dataset": dataset, "data": counts,
+              **{f"eval_{k}": v for k, v in metrics.items()}}
+    if out is not None:
+        with _writing(out) as tmp:
+            (tmp / "eval.json").write_text(json.dumps(result, indent=2))
+            (tmp / SAMPLES_FILE).write_text("".join(json.dumps(s) + "\n" for s in samples))
+    lines = [f"{adapter} on {dataset} ({counts['eval']['examples']} examples):"]
+    lines += [f"  eval_{k}: {v:.4f}" for k, v in metrics.items()]
+    return "\n".join(lines + ([f"-> {out}/eval.json"] if out is not None else []))
+
+
 def _destination(parser, holds: str, what: str, inputs: str) -> None:
     """OUT and --overwrite, with the destination rule of every sora-ds command (sora_ds.recipe.outputs)."""
     parser.add_argument("out", type=Path, metavar="OUT",
@@ -262,6 +286,22 @@ def main(argv: list[str] | None = None) -> int:
                                    "⟦like this⟧, or in green on a terminal. Look for what the template adds: a "
                                    "default system prompt, BOS, end-of-turn tokens.")
     p.add_argument("-n", type=int, default=3, metavar="N", help="examples to print (default: 3)")
+    p = sub.add_parser("eval", allow_abbrev=False, help="the eval metrics of an adapter on a file, without training",
+                       usage="sora-ds eval SOURCE --dataset FILE [--base BASE] [--out OUT [--overwrite]] [--KEY VALUE ...]",
+                       description="Load the adapter found in SOURCE (a run's output_dir, a checkpoint or an adapter "
+                                   "folder) with PEFT on its base and print the metrics a run logs: eval_loss, "
+                                   "eval_token_accuracy, eval_answer_accuracy, and eval_exact_match / "
+                                   "eval_choice_accuracy when asked for. Settings: the run's config.yaml when SOURCE "
+                                   "belongs to a run, overridden by --KEY VALUE for max_length, truncation, "
+                                   "per_device_train_batch_size, torch_dtype, eval_max_new_tokens, eval_choices, "
+                                   "eval_samples.")
+    p.add_argument("source", type=Path, metavar="SOURCE", help="a run's output_dir, a checkpoint or an adapter folder; "
+                   "only read")
+    p.add_argument("--dataset", required=True, help="the eval set: a local .json/.jsonl file or folder, in any format "
+                   "the dataset key accepts")
+    p.add_argument("--base", help="the base model (default: the one the adapter's config names)")
+    p.add_argument("--out", type=Path, help="a new folder for eval.json and eval_samples.jsonl (default: print only)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p = sub.add_parser("generate", help="one greedy reply from an adapter on its base model (a smoke test of an export)",
                        description=generate_doc.split("\n\n")[1])
     p.add_argument("source", type=Path, metavar="ADAPTER",
@@ -271,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the base model (folder or Hub id); default: the one adapter_config.json names")
     p.add_argument("--max_new_tokens", type=int, default=64, help="the longest reply, in tokens (default: 64)")
     args, config_args = parser.parse_known_args(argv)
-    if config_args and args.command != "preview":
+    if config_args and args.command not in ("preview", "eval"):
         parser.error(f"unrecognized arguments: {' '.join(config_args)}")
     try:
         if args.command == "export":
@@ -290,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             print(reply(*load_with_adapter(find_adapter(args.source), args.base), args.prompt, args.max_new_tokens))
         elif args.command == "preview":
             print(preview(config_args, args.n, sys.stdout.isatty()))
+        elif args.command == "eval":
+            print(evaluate(args.source, args.dataset, config_args, args.base, args.out, args.overwrite))
         else:
             print(report(args.run_dir))
     except (CLIError, OutputError, GGUFError, ConfigError, DataError, GenerateError) as e:

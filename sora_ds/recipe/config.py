@@ -40,6 +40,7 @@ from ..adapters.errors import ConfigError
 from ..adapters.prox import THRESHOLD_MODES
 from ..adapters.serving import ADAPTER_FORMATS
 from ..adapters.schedule import LambdaSchedule
+from ..data.answers import normalize
 from ..data.chat import TRUNCATIONS
 from .kernels import check_kernel_keys
 
@@ -82,6 +83,11 @@ class TrainConfig:
     truncation: str = "keep_answer"  # keep_answer or keep_start: what of a too-long example is kept
     chat_template: str | None = None  # Jinja template, or the path of a .jinja file, replacing the tokenizer's own
     packing: bool = False  # several training examples per max_length row, kept apart by position_ids
+    # --- evaluation: the task metrics beside eval loss (README: Evaluation) ---
+    eval_dataset: str | None = None  # local .json/.jsonl file or folder as the eval set (then eval_size: 0); null: split
+    eval_max_new_tokens: int = 0  # > 0: generate each eval answer greedily, up to this many tokens (eval_exact_match)
+    eval_choices: list[str] | None = None  # candidate answers; the likeliest is picked (eval_choice_accuracy)
+    eval_samples: int = 3  # generated/picked answers per eval in eval_samples.jsonl, the log and the trackers
     # --- adapter: flat keys of SoRAConfig / AdaLoRAConfig (see the module docstring) ---
     method: str = "sora"  # "sora" or "adalora"
     adapter: AdapterConfig = field(default_factory=SoRAConfig)
@@ -160,6 +166,7 @@ class TrainConfig:
         if self.model_name_or_path is None and not self.model_config:
             raise ConfigError("model_config", "must be a non-empty mapping when model_name_or_path is null")
         _check_trackers(self.report_to)
+        _check_eval_keys(self)
         _check_export_formats(self.export_formats)
         if self.num_train_epochs is not None and not self.num_train_epochs > 0:
             raise ConfigError("num_train_epochs", f"must be > 0 (or null to use max_steps), got {self.num_train_epochs!r}")
@@ -265,6 +272,29 @@ def chat_template_text(value: str) -> str:
     return path.read_text()
 
 
+def _check_eval_keys(cfg: TrainConfig) -> None:
+    """The evaluation keys, before anything is loaded (the eval file's records are checked with the training data)."""
+    if cfg.eval_dataset is not None:
+        path = Path(cfg.eval_dataset)
+        if not path.exists() or (path.is_file() and path.suffix not in (".json", ".jsonl")):
+            raise ConfigError("eval_dataset", f"={cfg.eval_dataset!r} is not an existing .json/.jsonl file or folder "
+                              "(the eval set is a local file, in any format the dataset key accepts)")
+        if cfg.eval_size:
+            raise ConfigError("eval_size", f"={cfg.eval_size!r} with eval_dataset: the eval set is that file and every "
+                              "record of dataset trains; leave eval_size out (or 0)")
+    for key in ("eval_max_new_tokens", "eval_samples"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(key, f"must be >= 0, got {getattr(cfg, key)!r}")
+    if cfg.eval_choices is not None:
+        seen = [normalize(c) for c in cfg.eval_choices]
+        if len(seen) < 2 or "" in seen or len(set(seen)) != len(seen):
+            raise ConfigError("eval_choices", f"={cfg.eval_choices!r}: give at least 2 candidate answers, non-empty and "
+                              "distinct after normalisation (case and spaces), e.g. [positive, negative]")
+    if (cfg.eval_max_new_tokens or cfg.eval_choices) and cfg.eval_dataset is None and not cfg.eval_size:
+        key = "eval_max_new_tokens" if cfg.eval_max_new_tokens else "eval_choices"
+        raise ConfigError(key, "needs an eval set: set eval_dataset (a file) or eval_size (a split of dataset)")
+
+
 def _check_export_formats(formats: list[str]) -> None:
     if not isinstance(formats, list) or not all(isinstance(f, str) for f in formats):
         raise ConfigError("export_formats", f"must be a list of format names, got {formats!r}; allowed: "
@@ -341,6 +371,8 @@ def from_flat(values: dict, sources: dict | None = None) -> TrainConfig:
             raise ConfigError(key, f"(from {sources.get(key, 'the config')}) {e.problem}") from None
         parts[owner][key] = _coerce(key, value, sources.get(key, "the config"), owner)
     own = parts[TrainConfig]
+    if own.get("eval_dataset") is not None:
+        own.setdefault("eval_size", 0)  # the eval set is the file; eval_size's default split is not drawn
     max_steps, seed = (own.get(k, TrainConfig.__dataclass_fields__[k].default) for k in ("max_steps", "seed"))
     lambdas = parts[LambdaSchedule]
     try:  # built with the derived fields: AdaLoRA's budget schedule is checked against max_steps, not a default
@@ -411,7 +443,10 @@ def _coerce(key: str, value, source: str, owner: type):
     if isinstance(value, bool) and not _type_ok(value, hint) and _type_ok("", hint):
         value = "yes" if value else "no"  # YAML 1.1 reads `mixed_precision: no` as False; the key wants the word
     if not _type_ok(value, hint):
-        raise ConfigError(key, f"(from {source}) got {value!r} of type {type(value).__name__}; expected {_hint_name(hint)}")
+        quote = ("; YAML reads unquoted yes/no/true/false/on/off as booleans: quote them, e.g. ['yes', 'no']"
+                 if isinstance(value, list) and any(isinstance(v, bool) for v in value) else "")
+        raise ConfigError(key, f"(from {source}) got {value!r} of type {type(value).__name__}; expected "
+                          f"{_hint_name(hint)}{quote}")
     union = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
     if hint is float or (float in union and int not in union):
         if isinstance(value, int):

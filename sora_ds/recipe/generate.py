@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 class GenerateError(Exception):
-    """The adapter or its base cannot be loaded; printed as one line with exit code 2."""
+    """The adapter's base cannot be found or loaded (``sora-ds generate`` and ``eval``); one line, exit code 2."""
 
 
 def base_of(adapter: Path, base: Path | str | None) -> str:
@@ -28,23 +28,36 @@ def base_of(adapter: Path, base: Path | str | None) -> str:
     return name
 
 
-def load_with_adapter(adapter: Path, base: Path | str | None = None):
-    """``(model, tokenizer)``: the base with the adapter applied (PEFT), in eval mode. The tokenizer saved beside the
-    adapter wins over the base's (a run saves the one it trained with there)."""
+def tokenizer_for(adapter: Path, base: str):
+    """The tokenizer saved beside the adapter (a run saves the one it trained with there), else the base's."""
+    from transformers import AutoTokenizer
+
+    has_own = any((adapter / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(adapter if has_own else base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def peft_model(adapter: Path, base: str, dtype: str = "float32"):
+    """The base model ``base`` (from :func:`base_of`) with the adapter applied by PEFT, in eval mode."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
-    logging.disable_progress_bar()  # the reply is the output
-    name = base_of(adapter, base)
+    logging.disable_progress_bar()  # the reply or the metrics are the output
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
     except OSError as e:  # neither a model folder nor a Hub id that is reachable or cached
-        raise GenerateError(f"base model {name}: cannot load it: {str(e).splitlines()[0]}") from e
-    tokenizer_from = adapter if (adapter / "tokenizer_config.json").is_file() else name
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
-    return PeftModel.from_pretrained(model, adapter).eval(), tokenizer
+        raise GenerateError(f"base model {base}: cannot load it: {str(e).splitlines()[0]}") from e
+    return PeftModel.from_pretrained(model, adapter).eval()
+
+
+def load_with_adapter(adapter: Path, base: Path | str | None = None):
+    """``(model, tokenizer)`` for :func:`reply`: the adapter on its base (or ``base``), float32."""
+    name = base_of(adapter, base)
+    return peft_model(adapter, name), tokenizer_for(adapter, name)
 
 
 def reply(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:

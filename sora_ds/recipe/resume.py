@@ -23,6 +23,7 @@ FREE = frozenset({
     "deepspeed_config",  # the ZeRO stage and process count are compared instead (the JSON's path may move)
     # which kernels compute the same maths (and the peak the MFU is divided by): speed, not the run's numbers
     "attn_implementation", "use_liger_kernel", "fused_adamw", "torch_compile", "peak_flops_per_device",
+    "eval_max_new_tokens", "eval_choices", "eval_samples",  # what is measured, not what is trained
 })
 WHY = {
     "seed": "it builds the base model and the data order",

@@ -17,7 +17,7 @@ from .outputs import OutputError
 
 # Every file and folder a run writes into output_dir.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "rank_heatmap.png", "adapter", "adapter_uniform",
-             "adapter_vllm", "merged", "base_model", "checkpoints",
+             "adapter_vllm", "merged", "base_model", "checkpoints", "eval_samples.jsonl",
              "tensorboard")
 
 

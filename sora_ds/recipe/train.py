@@ -1,7 +1,8 @@
 """The training loop behind every recipe, in phases: set-up -> data -> model -> prepare -> (step -> log -> stage ->
 checkpoint)* -> finish. What the phases share is one :class:`Run`; ``Run.progress`` is what a checkpoint saves.
 
-Outputs in ``output_dir``: ``config.yaml`` (resolved config), ``metrics.jsonl``, ``summary.json``,
+Outputs in ``output_dir``: ``config.yaml`` (resolved config), ``metrics.jsonl``, ``summary.json``, ``eval_samples.jsonl``
+(with generation or candidates: see ``task_eval.py``),
 ``rank_heatmap.png``, ``adapter/`` (PEFT LoRA export; ``adapter_uniform/``, ``adapter_vllm/`` with ``export_formats``),
 ``base_model/`` (when the base was built from a config),
 ``merged/`` (with ``save_merged: true``), ``checkpoints/`` (with ``save_every``). Nothing is written before every
@@ -45,6 +46,7 @@ from . import run_dir
 from .checkpoint import keep_trainable_only, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config, save_config, steps_for_epochs
 from .evaluate import evaluate
+from .task_eval import Evaluator, as_record, build_task, trim_samples
 from .interrupt import StopRequest
 from .kernels import flatten_packed, use_fused_adamw
 from .manifest import CheckpointError
@@ -150,6 +152,7 @@ class Run:
     identity: dict  # the settings a checkpoint records so that a resume can be checked (recipe/resume.py)
     tokenizer: Any  # saved beside every exported adapter
     data_counts: dict  # records read; examples, truncated and dropped of each split (build_datasets)
+    evaluator: Evaluator | None = None  # every eval of the run: loss, accuracies, task metrics (recipe/task_eval.py)
     stop: StopRequest = field(default_factory=StopRequest)
     heartbeat: Heartbeat | None = None
     stop_requested: bool = False  # on any rank, after the last step (shared in the step's reduction)
@@ -257,7 +260,8 @@ def start(cfg: TrainConfig) -> Run:
     check_quantization(cfg, accelerator)
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, data_counts = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed,
-                                                    cfg.packing, cfg.truncation, cfg.dataset_split)
+                                                    cfg.packing, cfg.truncation, cfg.dataset_split, cfg.eval_dataset)
+    task = build_task(eval_ds, tokenizer, cfg)  # prompts and candidates, checked before the model is loaded
     if cfg.num_train_epochs is not None:
         cfg = cfg.with_max_steps(steps_for_epochs(cfg, len(train_ds), accelerator.num_processes))
         accelerator.print(f"num_train_epochs={cfg.num_train_epochs:g}: {cfg.max_steps} optimizer steps")
@@ -291,7 +295,8 @@ def start(cfg: TrainConfig) -> Run:
               lr_scheduler=lr_scheduler, batches=micro_batches(train_dl, progress["micro_batches"]), eval_dl=eval_dl,
               mem_dl=mem_dl, shapes={n: (m.in_features, m.out_features) for n, m in adapter_layers(plain)},
               progress=progress, stages=StageRecorder.from_dicts(progress["stages"]), started=started, trainable=trainable,
-              identity=ident, tokenizer=tokenizer, data_counts=data_counts, heartbeat=Heartbeat().start())
+              identity=ident, tokenizer=tokenizer, data_counts=data_counts, heartbeat=Heartbeat().start(),
+              evaluator=Evaluator(eval_dl, task, accelerator, tokenizer, out))
     run.meter = Throughput.for_run(plain.config, adapter_params(rank_report(plain), run.shapes, "initial"),
                                    cfg.max_length, accelerator, cfg.peak_flops_per_device)
     open_logs(run, resumed=resume is not None)
@@ -356,6 +361,8 @@ def open_logs(run: Run, resumed: bool) -> None:
     if accelerator.is_main_process:
         lines = run.metrics_path.read_text().splitlines(keepends=True) if resumed and run.metrics_path.is_file() else []
         run.metrics_path.write_text("".join(line for line in lines if json.loads(line)["step"] <= run.progress["step"]))
+        if resumed:
+            trim_samples(run.out, run.progress["step"])
     from tqdm.auto import tqdm
 
     run.bar = tqdm(total=cfg.max_steps, initial=run.progress["step"], disable=not accelerator.is_local_main_process,
@@ -444,7 +451,7 @@ def log(run: Run, done: int) -> None:
     record["active_ranks"] = sum(r["kept"] for r in rank_report(run.plain).values())
     run.window = Window()
     if cfg.eval_every and run.eval_dl is not None and done % cfg.eval_every == 0:
-        record["eval_loss"] = evaluate(run.model, run.eval_dl, accelerator)["loss"]
+        record.update(as_record(run.evaluator(run.model, done), "eval_"))
     run.bar.set_postfix(loss=f"{record['loss']:.3f}", ranks=record["active_ranks"])
     if accelerator.is_main_process:
         with run.metrics_path.open("a") as f:
@@ -497,7 +504,8 @@ def finish(run: Run, stopped: str | None = None) -> dict:
     cfg, accelerator, out, plain = run.cfg, run.accelerator, run.out, run.plain
     run.bar.close()
     train_time = time.perf_counter() - run.started_training
-    final = evaluate(run.model, run.eval_dl, accelerator) if run.eval_dl is not None else {"loss": math.nan, "token_accuracy": math.nan}
+    final = run.evaluator(run.model, run.progress["step"])
+    accelerator.log(as_record(final, "final_eval_"), step=run.progress["step"])
     report = rank_report(plain)
     kept, initial = (sum(r[k] for r in report.values()) for k in ("kept", "initial"))
     formats = export_adapters(run) if stopped is None else {}
@@ -510,8 +518,7 @@ def finish(run: Run, stopped: str | None = None) -> dict:
         "keep_fraction": cfg.sparsity.keep_fraction if cfg.sparsity is not None else None,
         "kept_fraction": kept / initial,
         "retained_adapter_param_fraction": retained_fraction(report, run.shapes),
-        "final_eval_loss": final["loss"],
-        "final_eval_token_accuracy": final["token_accuracy"],
+        **{f"final_eval_{k}": v for k, v in final.items()},  # loss, token_accuracy, answer_accuracy (+ task metrics)
         "steps": run.progress["step"],
         "stopped_early": stopped,
         "data": run.data_counts,
