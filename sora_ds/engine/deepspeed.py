@@ -69,6 +69,21 @@ def check_deepspeed_internals(trainable: list[nn.Parameter], stage: int) -> None
         )
 
 
+def launch_deepspeed_config(deepspeed_config: str | None = None) -> dict | None:
+    """The DeepSpeed settings this process was launched with, read before accelerate is set up (as accelerate reads
+    them): ``accelerate launch`` with DeepSpeed (its JSON, or only the ZeRO stage when it has none), else the recipe's
+    ``deepspeed_config`` JSON (``deepspeed``/torchrun launchers); None without DeepSpeed."""
+    import json
+    from pathlib import Path
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true":
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if path in ("none", "None", "") or not Path(path).is_file():  # a missing file: accelerate says so next
+            return {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))}}
+        return json.loads(Path(path).read_text())
+    return json.loads(Path(deepspeed_config).read_text()) if deepspeed_config else None
+
+
 def zero_stage(accelerator) -> int:
     """The ZeRO stage accelerate runs DeepSpeed with; 0 without DeepSpeed."""
     plugin = accelerator.state.deepspeed_plugin
