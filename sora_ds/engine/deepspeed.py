@@ -165,6 +165,15 @@ def gathered(params: Iterable[nn.Parameter]):
         yield
 
 
+def release_gathered(model) -> None:
+    """ZeRO-3: partition again every parameter the engine still holds whole. A forward pass without a backward (an
+    evaluation) leaves the layers DeepSpeed prefetched gathered, or still in flight, which holds memory that does not
+    divide and makes a following :func:`gathered` fail ("Cannot partition a param in flight"). A no-op otherwise."""
+    optimizer = getattr(model, "optimizer", None)
+    if hasattr(optimizer, "empty_partition_cache"):  # the DeepSpeed engine under ZeRO-3
+        model.empty_partition_cache()
+
+
 @contextlib.contextmanager
 def without_zero_init(deepspeed_plugin):
     """Models built inside the block are built whole on this process, even with ZeRO-3 configured.

@@ -36,6 +36,9 @@ from ..data.records import DataError
 from ..engine.atomic import atomic_dir
 from .checkpoint import STATE_FILE, latest_checkpoint
 from .gguf import INSTALL, SMOLLM2, GGUFError, find_gguf, load_gguf
+from .plan import PlanError, plan_text
+from .plan import add_arguments as add_plan_arguments
+from .plan import from_args as plan_from_args
 from .outputs import (
     OutputError,
     check_destination,
@@ -259,8 +262,15 @@ def main(argv: list[str] | None = None) -> int:
                                    "⟦like this⟧, or in green on a terminal. Look for what the template adds: a "
                                    "default system prompt, BOS, end-of-turn tokens.")
     p.add_argument("-n", type=int, default=3, metavar="N", help="examples to print (default: 3)")
+    p = sub.add_parser("plan", help="estimate a recipe's memory per GPU and per node before launching it",
+                       usage="sora-ds plan --config FILE.yaml [--gpus N] [--gpu-memory GB] [--engine E] [--key value ...]",
+                       description="Per-GPU and per-node host memory of a recipe from the model's shape (local "
+                                   "config.json, or the shapes of the shipped recipes' models), dtype, quantization, "
+                                   "adapter, batch, max_length, gradient_checkpointing and the engine; see "
+                                   "sora_ds/recipe/plan.py for the model of each part. An estimate, not a guarantee.")
+    add_plan_arguments(p)
     args, config_args = parser.parse_known_args(argv)
-    if config_args and args.command != "preview":
+    if config_args and args.command not in ("preview", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(config_args)}")
     try:
         if args.command == "export":
@@ -274,9 +284,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"imported {gguf} -> {args.out} (model_name_or_path: {args.out})")
         elif args.command == "preview":
             print(preview(config_args, args.n, sys.stdout.isatty()))
+        elif args.command == "plan":
+            p = plan_from_args(args, config_args)
+            print(plan_text(p, args.cpu))
         else:
             print(report(args.run_dir))
-    except (CLIError, OutputError, GGUFError, ConfigError, DataError) as e:
+    except (CLIError, OutputError, GGUFError, ConfigError, DataError, PlanError) as e:
         print(f"sora-ds {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

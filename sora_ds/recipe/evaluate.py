@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.batches import IGNORE_INDEX
+from ..engine import release_gathered
 from ..engine.quantized import check_4bit_layout
 
 
@@ -32,6 +33,7 @@ def evaluate(model, loader, accelerator) -> dict[str, float]:
         per_example.index_add_(0, mask.nonzero()[:, 0], per_token)
         totals += accelerator.gather_for_metrics(per_example).sum(0)
     check_4bit_layout(model)
+    release_gathered(model)  # ZeRO-3: back to this rank's share before training or an export gathers again
     model.train(was_training)
     n = max(totals[1].item(), 1.0)
     return {"loss": totals[0].item() / n, "token_accuracy": totals[2].item() / n}

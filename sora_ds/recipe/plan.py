@@ -46,6 +46,10 @@ CPU_ZERO3_LOAD = 0.6  # measured: ZeRO-3's load holds ~0.6 x the rank's share mo
 CPU_TOLERANCE = 0.30  # the --cpu plan is within 30% of the measured peak RSS (bench/results/scale_memory.json)
 
 
+class PlanError(ValueError):
+    """A model whose shape is unknown, or an impossible GPU count; one line, exit code 2."""
+
+
 @dataclass(frozen=True)
 class Shape:
     hidden: int
@@ -93,7 +97,7 @@ def model_shape(cfg: TrainConfig) -> Shape:
     key = cfg.model_name_or_path.rstrip("/").split("/")[-1].lower()
     if key in KNOWN:
         return KNOWN[key]
-    raise ValueError(f"model_name_or_path {cfg.model_name_or_path!r}: no local config.json and not a known shape "
+    raise PlanError(f"model_name_or_path {cfg.model_name_or_path!r}: no local config.json and not a known shape "
                      f"({sorted(KNOWN)}); download its config.json to a folder and name that folder")
 
 
@@ -141,14 +145,15 @@ class Plan:
 def plan(cfg: TrainConfig, gpus: int = 1, gpu_memory: float | None = None, engine: str | None = None,
          gpus_per_node: int | None = None, cpu: bool = False) -> Plan:
     """The memory plan of ``cfg`` on ``gpus`` devices (processes with ``cpu``) with ``engine``."""
-    from .precision import held_dtype
+    from .precision import consistent_precision, held_dtype
 
     engine = engine or ("zero3" if gpus > 1 else "none")
     if engine not in ENGINES:
-        raise ValueError(f"engine {engine!r}: choose one of {list(ENGINES)}")
+        raise PlanError(f"engine {engine!r}: choose one of {list(ENGINES)}")
     per_node = gpus_per_node or min(gpus, 8)
     zero = {"zero2": 2, "zero3": 3, "zero3_offload": 3}.get(engine)
     ds = None if zero is None else {"zero_optimization": {"stage": zero}, "bf16": {"enabled": "auto"}}
+    cfg, _ = consistent_precision(cfg, ds)  # what the run will hold, after the change a run makes (and says)
     held = held_dtype(cfg, ds)
     mixed = cfg.mixed_precision if ds is None else (HALF.get(held) or cfg.mixed_precision)
     s = model_shape(cfg)
@@ -174,8 +179,10 @@ def plan(cfg: TrainConfig, gpus: int = 1, gpu_memory: float | None = None, engin
         "gathered": 2 * width * max(n["layer"], n["embed"]) if zero == 3 else 0,
         "fixed": CPU_IMPORT if cpu else GPU_FIXED,
     }
+    # The checkpoint as saved (hub models ship 16-bit safetensors; a quantized base is quantized while loading).
+    stored = params * (2 if cfg.model_name_or_path and held == "float32" or cfg.quantization else width)
     host = {"processes": per_node * (CPU_IMPORT if cpu else HOST_FIXED_GPU),
-            "checkpoint pages": base if not cpu else 0}
+            "checkpoint pages": stored}  # mmap'd, shared by the node's processes, evictable (ZeRO-3: rank 0's node)
     if engine == "zero3_offload":
         host["offloaded shares"] = per_node * (base / split + states + copy16)
     if cpu:  # a process's RSS: the load's transient, and the mmap'd checkpoint a single process trains on
@@ -191,34 +198,43 @@ def summary_line(p: Plan, cpu: bool = False) -> str:
     fits = ""
     if p.gpu_memory:
         fits = f" (fits {p.gpu_memory:g} GB)" if p.per_gpu <= p.gpu_memory * GB else f" (does NOT fit {p.gpu_memory:g} GB)"
-    return (f"~{p.per_gpu / GB:.1f} GB per {unit}{fits}, host ~{p.per_node / GB:.0f} GB per node "
-            f"({p.params / 1e9:.2f}B params held in {p.held}, {p.engine}, {p.gpus} {unit}s)")
+    return (f"~{p.per_gpu / GB:.1f} GB per {unit}{fits}, host ~{p.per_node / GB:.1f} GB per node "
+            f"({_count(p.params)} params held in {p.held}, {p.engine}, {p.gpus} {unit}{'s' * (p.gpus > 1)})")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def plan_text(p: Plan, cpu: bool = False) -> str:
     unit = "process" if cpu else "GPU"
     lines = [f"per {unit}:"] + [f"  {k:<16}{v / GB:8.2f} GB" for k, v in p.gpu.items()]
-    lines += [f"  {'total':<16}{p.per_gpu / GB:8.2f} GB", f"host per node ({p.gpus_per_node} {unit}s):"]
+    lines += [f"  {'total':<16}{p.per_gpu / GB:8.2f} GB", f"host per node ({p.gpus_per_node} {unit}{'s' * (p.gpus_per_node > 1)}):"]
     lines += [f"  {k:<16}{v / GB:8.2f} GB" for k, v in p.host.items()] + [f"  {'total':<16}{p.per_node / GB:8.2f} GB"]
+    if "checkpoint pages" in p.host:
+        lines.append("  (checkpoint pages: the mmap'd safetensors, shared by a node's processes and evictable; under "
+                     "ZeRO-3 only on rank 0's node)")
     return "\n".join(lines + [summary_line(p, cpu)])
 
 
-def header_command(config: str, gpus: int, gpu_memory: float | None, engine: str | None) -> str:
-    args = f"sora-ds plan --config {config} --gpus {gpus}"
-    if gpu_memory:
-        args += f" --gpu-memory {gpu_memory:g}"
-    if engine:
-        args += f" --engine {engine}"
-    return args
+def add_arguments(p) -> None:
+    """The options of ``sora-ds plan`` (``--key value`` config overrides may follow them)."""
+    p.add_argument("--config", required=True, help="the recipe YAML (--key value overrides may follow)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (processes with --cpu) in all (default: 1)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="memory of one GPU, to say if it fits")
+    p.add_argument("--engine", default=None, choices=ENGINES,
+                   help="default: zero3 with more than one GPU, else none (one process; ddp is the same per GPU)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: min(gpus, 8)")
+    p.add_argument("--cpu", action="store_true", help="plan a CPU run (per-process RSS), as bench/scale_memory.py "
+                   "measures it")
 
 
-def main(args) -> str:
-    """The text ``sora-ds plan`` prints (``args`` from its parser)."""
-    cfg = load_config(["--config", args.config, *args.overrides])
+def from_args(args, overrides: list[str]) -> Plan:
+    """The plan of ``sora-ds plan`` arguments (parsed by :func:`add_arguments`) and config overrides."""
     if args.gpus < 1 or (args.gpu_memory is not None and args.gpu_memory <= 0):
-        raise ValueError("--gpus must be >= 1 and --gpu-memory > 0")
-    p = plan(cfg, args.gpus, args.gpu_memory, args.engine, args.gpus_per_node, args.cpu)
-    return plan_text(p, args.cpu)
+        raise PlanError(f"--gpus must be >= 1 and --gpu-memory > 0, got {args.gpus} and {args.gpu_memory}")
+    cfg = load_config(["--config", args.config, *overrides])
+    return plan(cfg, args.gpus, args.gpu_memory, args.engine, args.gpus_per_node, args.cpu)
 
 
 def nodes(p: Plan) -> int:
