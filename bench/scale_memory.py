@@ -56,6 +56,8 @@ SIZES = {  # hidden, layers, intermediate, heads (kv heads = heads / 4); vocab 3
 }
 VOCAB = 32000
 FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "vocab_size", "tie_word_embeddings")
 PHASES = ("import", "load", "prepare", "steps", "finish")
 
 
@@ -116,6 +118,12 @@ def build(folder: Path, size: str, seed: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def recipe_keys(seq_len: int) -> dict:
+    """The recipe keys that decide memory (``sora-ds plan`` reads the same; tests/recipe/test_plan.py)."""
+    return {"torch_dtype": "bfloat16", "mixed_precision": "bf16", "target_modules": harness.DEFAULT_TARGETS.split(","),
+            "r": 8, "lora_alpha": 16.0, "max_length": seq_len}
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank: the recipe run with its phases measured; rank 0 hands back every rank's figures."""
     phases = Phases()
@@ -139,10 +147,8 @@ def worker(args: argparse.Namespace) -> None:
     recipe.quiet_third_party()
     zero3 = args.arm == "zero3"
     cfg = from_flat({
-        "model_name_or_path": args.base, "torch_dtype": "bfloat16", "mixed_precision": "bf16",
-        "target_modules": harness.DEFAULT_TARGETS.split(","), "r": 8, "lora_alpha": 16.0, "sparse_lambda": 1e-6,
-        "learning_rate": 1e-4, "max_steps": args.steps, "per_device_train_batch_size": 1 if zero3 else 2,
-        "max_length": args.seq_len, "eval_size": 2 * (2 if zero3 else 1), "eval_every": 0, "log_every": args.steps,
+        **recipe_keys(args.seq_len), "model_name_or_path": args.base, "sparse_lambda": 1e-6, "learning_rate": 1e-4,
+        "max_steps": args.steps, "per_device_train_batch_size": 1 if zero3 else 2, "eval_size": 2 * (2 if zero3 else 1), "eval_every": 0, "log_every": args.steps,
         "output_dir": str(Path(args.workdir) / "run"), "seed": args.seed,
         "deepspeed_config": args.ds_config if zero3 else None,
     })
@@ -272,7 +278,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     meta = {"device": harness.device_name(False), "versions": harness.version_text(
         harness.versions("torch", "transformers", "accelerate", "deepspeed")), "steps": args.steps,
-        "seq_len": args.seq_len, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        "seq_len": args.seq_len, "recipe": recipe_keys(args.seq_len), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     harness.header("scale_memory: per-rank host memory, 1 process vs ZeRO-3 x2", [
         ("device", meta["device"]), ("versions", meta["versions"]), ("sizes", ", ".join(sizes))])
     results = []
@@ -283,8 +289,9 @@ def main() -> None:
                                  capture_output=True, text=True, timeout=args.timeout)
             if out.returncode:
                 sys.exit(f"building the {size} base failed:\n{out.stderr[-3000:]}")
+            saved = json.loads((Path(folder) / "config.json").read_text())
             r = {"size": size, "params": json.loads(out.stdout.splitlines()[-1])["params"],
-                 "build_s": time.perf_counter() - t}
+                 "build_s": time.perf_counter() - t, "config": {k: saved[k] for k in SHAPE_KEYS}}
             print(f"{size}: {r['params'] / 1e9:.2f}B params built and saved in {r['build_s']:.0f} s", flush=True)
             for arm, nproc in (("single", 1), ("zero3", 2)):
                 if arm not in args.arms.split(","):

@@ -38,8 +38,8 @@ from ..data.batches import EpochSampler, micro_batches, supervised_tokens
 from ..data.chat import build_datasets, collate
 from ..data.fingerprint import dataset_fingerprint
 from ..data.records import DataError
-from ..engine import (check_deepspeed_internals, launch_deepspeed_config, local_numel, local_shard, sharding_report,
-                      zero_stage)
+from ..engine import (check_deepspeed_internals, launch_deepspeed_config, local_numel, local_shard,
+                      return_freed_memory, sharding_report, zero_stage)
 from ..engine.deepspeed import UnsupportedDeepSpeed
 from ..engine.heartbeat import Heartbeat, is_timeout
 from . import run_dir
@@ -240,7 +240,10 @@ def start(cfg: TrainConfig) -> Run:
     """Set-up, data, model, optimizer, accelerate's prepare and the resume: everything before the first step."""
     started = time.perf_counter()
     # Before the accelerator: DeepSpeed's precision mode is fixed when it is built (sora_ds/recipe/precision.py).
-    cfg, precision_note = consistent_precision(cfg, launch_deepspeed_config(cfg.deepspeed_config))
+    ds_config = launch_deepspeed_config(cfg.deepspeed_config)
+    cfg, precision_note = consistent_precision(cfg, ds_config)
+    if (ds_config or {}).get("zero_optimization", {}).get("stage") == 3:
+        return_freed_memory()  # before the first gather (sora_ds/engine/host_memory.py)
     accelerator = build_accelerator(cfg)
     if precision_note:
         accelerator.print(f"sora-ds: {precision_note}")

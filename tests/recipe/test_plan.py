@@ -7,12 +7,11 @@ import argparse
 import dataclasses
 import json
 import shlex
-from pathlib import Path
 
 import pytest
 
 from sora_ds.recipe.cli import main as cli
-from sora_ds.recipe.config import TrainConfig
+from sora_ds.recipe.config import TrainConfig, from_flat
 from sora_ds.recipe.plan import (CPU_TOLERANCE, KNOWN, add_arguments, from_args, parameter_counts, plan,
                                  summary_line)
 from tests.support import REPO
@@ -57,7 +56,7 @@ def test_cpu_plan_matches_the_measured_peaks(tmp_path):
         folder = tmp_path / r["size"]
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(r["config"]))
-        cfg = TrainConfig(model_name_or_path=str(folder), **data["meta"]["recipe"])
+        cfg = from_flat({**data["meta"]["recipe"], "model_name_or_path": str(folder)})
         for arm, gpus in (("single", 1), ("zero3", 2)):
             if not r.get(arm):
                 continue

@@ -78,7 +78,7 @@ def test_zero3_holds_a_bf16_base_in_bf16_and_halves_it(tmp_path):
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", "launch/accelerate/zero3.yaml",
            "--deepspeed_config_file", "tests/fixtures/zero3_sharded.json", "--num_processes", "2",
            "--main_process_port", str(free_port()), "recipes/llama_sora.py", "--torch_dtype", "bfloat16",
-           "--max_steps", "2", "--log_every", "1", "--eval_every", "0", "--per_device_train_batch_size", "4",
+           "--max_steps", "2", "--log_every", "1", "--eval_every", "1", "--per_device_train_batch_size", "4",
            "--output_dir", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
