@@ -148,7 +148,8 @@ def worker(args: argparse.Namespace) -> None:
     zero3 = args.arm == "zero3"
     cfg = from_flat({
         **recipe_keys(args.seq_len), "model_name_or_path": args.base, "sparse_lambda": 1e-6, "learning_rate": 1e-4,
-        "max_steps": args.steps, "per_device_train_batch_size": 1 if zero3 else 2, "eval_size": 2 * (2 if zero3 else 1), "eval_every": 0, "log_every": args.steps,
+        "max_steps": args.steps, "per_device_train_batch_size": 1 if zero3 else 2,
+        "eval_size": 2 * (2 if zero3 else 1), "eval_every": 0, "log_every": args.steps,
         "output_dir": str(Path(args.workdir) / "run"), "seed": args.seed,
         "deepspeed_config": args.ds_config if zero3 else None,
     })
@@ -315,13 +316,13 @@ def main() -> None:
                               "steady": max(k["steady"]["rss"] for k in r["zero3"]) / r["single"][0]["steady"]["rss"]}
                 print(f"  ratio peak(ZeRO-3)/peak(1 process) = {r['ratio']['peak']:.2f} (anon {r['ratio']['anon']:.2f})")
             results.append(r)
-    meta["pressure"] = harness.pressure_text(harness.cpu_pressure())
-    text = report(results, meta)
+            meta["pressure"] = harness.pressure_text(harness.cpu_pressure())
+            text = report(results, meta)  # after each size: a later, larger one may not finish
+            if args.md:
+                args.md.parent.mkdir(parents=True, exist_ok=True)
+                args.md.write_text(text)
+            harness.write_json(args.json, {"meta": meta, "results": results}, say=lambda *a: None)
     print(text)
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(text)
-    harness.write_json(args.json, {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":

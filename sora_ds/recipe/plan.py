@@ -42,7 +42,6 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed weight + 8-bit absmax per 64
 GPU_FIXED = 1.5 * GB  # CUDA context and allocator slack, per GPU
 HOST_FIXED_GPU = 3.0 * GB  # one process's host memory on a GPU machine (python, torch, CUDA libraries)
 CPU_IMPORT = 0.48 * GB  # measured: one process's RSS after importing torch, transformers, deepspeed (CPU wheels)
-CPU_ZERO3_LOAD = 0.6  # measured: ZeRO-3's load holds ~0.6 x the rank's share more at its peak (per-module gathers)
 CPU_TOLERANCE = 0.30  # the --cpu plan is within 30% of the measured peak RSS (bench/results/scale_memory.json)
 
 
@@ -185,8 +184,9 @@ def plan(cfg: TrainConfig, gpus: int = 1, gpu_memory: float | None = None, engin
             "checkpoint pages": stored}  # mmap'd, shared by the node's processes, evictable (ZeRO-3: rank 0's node)
     if engine == "zero3_offload":
         host["offloaded shares"] = per_node * (base / split + states + copy16)
-    if cpu:  # a process's RSS: the load's transient, and the mmap'd checkpoint a single process trains on
-        gpu["load"] = CPU_ZERO3_LOAD * base / split if zero == 3 else 0
+    if cpu:  # a process's RSS; under ZeRO-3 rank 0 maps the whole checkpoint while it loads (file-backed pages)
+        if zero == 3:
+            gpu["checkpoint pages"] = stored
         host = {"processes": per_node * sum(gpu.values())}
     return Plan(gpu=gpu, host=host, params=params, engine=engine, gpus=gpus, gpus_per_node=per_node,
                 gpu_memory=gpu_memory, held=held)

@@ -56,10 +56,11 @@ def test_cpu_plan_matches_the_measured_peaks(tmp_path):
         folder = tmp_path / r["size"]
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(r["config"]))
-        cfg = from_flat({**data["meta"]["recipe"], "model_name_or_path": str(folder)})
         for arm, gpus in (("single", 1), ("zero3", 2)):
             if not r.get(arm):
                 continue
+            cfg = from_flat({**data["meta"]["recipe"], "model_name_or_path": str(folder),
+                             "per_device_train_batch_size": 2 // gpus})  # the same global batch
             measured = max(max(p["peak"] for p in k["phases"].values()) for k in r[arm])
             planned = plan(cfg, gpus, engine="zero3" if gpus > 1 else "none", cpu=True).per_gpu
             assert abs(planned / measured - 1) <= CPU_TOLERANCE, (r["size"], arm, planned, measured)
