@@ -238,13 +238,30 @@ def report(results: list[dict], meta: dict) -> str:
                     f"{'-' if k['step_s'] is None else format(k['step_s'], '.2f')} |")
         lines.append(f"| {r['size']} | {r['params'] / 1e9:.2f}B | FSDP2 x2 | - | not measured (no FSDP2 engine yet) "
                      "| | | | | | | | | | |")
-    lines += ["", "| base | peak(ZeRO-3 worst rank) / peak(1 process) | anon ratio | steady RSS ratio |",
-              "|---|---:|---:|---:|"]
+    lines += ["", "Ratios ZeRO-3 x2 / 1 process: of the whole run's peak RSS (worst rank); of the peak after loading "
+              "(prepare, steps, finish: rank 0's checkpoint pages are gone by then); of the steady RSS after prepare; of "
+              "the base bytes held.", "",
+              "| base | peak, whole run | peak after loading | steady RSS | base bytes held |", "|---|---:|---:|---:|---:|"]
     for r in results:
-        if r.get("ratio") is not None:
-            lines.append(f"| {r['size']} | {r['ratio']['peak']:.2f} | {r['ratio']['anon']:.2f} | "
-                         f"{r['ratio']['steady']:.2f} |")
+        if r.get("single") and r.get("zero3"):
+            one, two = r["single"][0], r["zero3"]
+            lines.append(f"| {r['size']} | {ratio(two, one, whole_run_peak):.2f} | {ratio(two, one, trained_peak):.2f} | "
+                         f"{ratio(two, one, lambda k: k['steady']['rss']):.2f} | "
+                         f"{ratio(two, one, lambda k: k['base_bytes_on_rank']):.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def whole_run_peak(rank: dict) -> int:
+    return whole_run(rank)[0]
+
+
+def trained_peak(rank: dict) -> int:
+    return max(rank["phases"][p]["peak"] for p in ("prepare", "steps", "finish"))
+
+
+def ratio(ranks: list[dict], single: dict, measure) -> float:
+    """``measure`` of the worst rank over that of the single process."""
+    return max(measure(k) for k in ranks) / measure(single)
 
 
 def main() -> None:
@@ -266,7 +283,13 @@ def main() -> None:
     p.add_argument("--records", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="only write the tables (to --md, or print them) from a JSON this script wrote")
     args = p.parse_args()
+    if args.render:
+        data = json.loads(args.render.read_text())
+        text = report(data["results"], data["meta"])
+        return args.md.write_text(text) if args.md else print(text)
     if args.build:
         print(json.dumps({"params": build(Path(args.build), args.size, args.seed)}))
         return

@@ -7,6 +7,7 @@
     sora-ds report outputs/run                                        # kept-rank table, heatmap, sparsity figures
     sora-ds import-gguf smollm2 models/smollm2-135m-instruct          # a GGUF -> a model folder, no hub, no compile
     sora-ds preview --config my_run.yaml -n 3                         # 3 training examples as the model sees them
+    sora-ds plan --config recipes/llama/8b_sora.yaml --gpus 8 --gpu-memory 80   # memory per GPU and per node
 
 Checkpoints store the pruned adapter already gathered from every rank (see :mod:`sora_ds.recipe.checkpoint`), so export
 needs no GPU, no DeepSpeed and not the base model.

@@ -21,8 +21,10 @@ Host per node: the processes' fixed memory, plus what loading holds: the checkpo
 node's processes, evictable; under ZeRO-3 only rank 0 reads them) and, with parameter offload, the node's shares of the
 base and of the optimizer.
 
-``--cpu`` plans the CPU runs the bench measures (bench/scale_memory.py): per-process peak RSS; tests compare it with
-bench/results/scale_memory.json within ``CPU_TOLERANCE``.
+``--cpu`` plans the CPU runs the bench measures (bench/scale_memory.py): per-process peak RSS, where a single process's
+base is the mmap'd checkpoint and, under ZeRO-3, rank 0 also maps the whole checkpoint while it loads; tests compare it
+with bench/results/scale_memory.json within ``CPU_TOLERANCE``. The GPU figures (CUDA context, allocator slack, host
+memory of a CUDA process) are assumptions no GPU has checked yet.
 """
 
 from __future__ import annotations
