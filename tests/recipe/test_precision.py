@@ -72,11 +72,19 @@ def test_launch_config_is_read_as_accelerate_reads_it(tmp_path, monkeypatch):
 @pytest.mark.distributed
 def test_zero3_holds_a_bf16_base_in_bf16_and_halves_it(tmp_path):
     """2 ranks, ZeRO-3 with sharding real, ``torch_dtype: bfloat16`` and no ``mixed_precision``: DeepSpeed holds
-    2 bytes per base element (4 before the fix), half of them on each rank, and the run says what it changed."""
+    2 bytes per base element (4 before the fix), half of them on each rank, and the run says what it changed. With
+    evaluations between steps and before the export (which gathers the adapter), under a small live-parameter
+    budget."""
     out = tmp_path / "run"
+    # Sharding real, and DeepSpeed keeping little gathered (as the shipped ds_configs/zero3.json does at scale): an
+    # evaluation then leaves prefetched layers in flight, which the export after it must not trip on.
+    ds = json.loads((REPO / "tests" / "fixtures" / "zero3_sharded.json").read_text())
+    ds["zero_optimization"].update(stage3_max_live_parameters=1000, stage3_max_reuse_distance=1000,
+                                   stage3_prefetch_bucket_size=1000)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", "launch/accelerate/zero3.yaml",
-           "--deepspeed_config_file", "tests/fixtures/zero3_sharded.json", "--num_processes", "2",
+           "--deepspeed_config_file", str(tmp_path / "ds.json"), "--num_processes", "2",
            "--main_process_port", str(free_port()), "recipes/llama_sora.py", "--torch_dtype", "bfloat16",
            "--max_steps", "2", "--log_every", "1", "--eval_every", "1", "--per_device_train_batch_size", "4",
            "--output_dir", str(out)]
@@ -89,6 +97,9 @@ def test_zero3_holds_a_bf16_base_in_bf16_and_halves_it(tmp_path):
     assert summary["base_bytes"] == 2 * elements  # bf16, not fp32
     assert 0.45 < summary["base_bytes_on_rank"] / summary["base_bytes"] < 0.55  # really partitioned
     assert "mixed_precision set to bf16" in proc.stdout
+    evals = [json.loads(line).get("eval_loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(evals) == 2 and all(e is not None for e in evals)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert "mixed_precision: bf16" in (out / "config.yaml").read_text()
 
 
