@@ -69,6 +69,21 @@ def check_deepspeed_internals(trainable: list[nn.Parameter], stage: int) -> None
         )
 
 
+def launch_deepspeed_config(deepspeed_config: str | None = None) -> dict | None:
+    """The DeepSpeed settings this process was launched with, read before accelerate is set up (as accelerate reads
+    them): ``accelerate launch`` with DeepSpeed (its JSON, or only the ZeRO stage when it has none), else the recipe's
+    ``deepspeed_config`` JSON (``deepspeed``/torchrun launchers); None without DeepSpeed."""
+    import json
+    from pathlib import Path
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true":
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if path in ("none", "None", "") or not Path(path).is_file():  # a missing file: accelerate says so next
+            return {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))}}
+        return json.loads(Path(path).read_text())
+    return json.loads(Path(deepspeed_config).read_text()) if deepspeed_config else None
+
+
 def zero_stage(accelerator) -> int:
     """The ZeRO stage accelerate runs DeepSpeed with; 0 without DeepSpeed."""
     plugin = accelerator.state.deepspeed_plugin
@@ -148,6 +163,15 @@ def gathered(params: Iterable[nn.Parameter]):
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
+
+
+def release_gathered(model) -> None:
+    """ZeRO-3: partition again every parameter the engine still holds whole. A forward pass without a backward (an
+    evaluation) leaves the layers DeepSpeed prefetched gathered, or still in flight, which holds memory that does not
+    divide and makes a following :func:`gathered` fail ("Cannot partition a param in flight"). A no-op otherwise."""
+    optimizer = getattr(model, "optimizer", None)
+    if hasattr(optimizer, "empty_partition_cache"):  # the DeepSpeed engine under ZeRO-3
+        model.empty_partition_cache()
 
 
 @contextlib.contextmanager

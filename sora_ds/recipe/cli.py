@@ -9,6 +9,7 @@
     sora-ds preview --config my_run.yaml -n 3                         # 3 training examples as the model sees them
     sora-ds eval outputs/run --dataset test.jsonl --eval_max_new_tokens 8   # task metrics of an adapter, no training
     sora-ds generate for_vllm/ --prompt "Hello"                        # one reply from the adapter on its base (PEFT)
+    sora-ds plan --config recipes/llama/8b_sora.yaml --gpus 8 --gpu-memory 80   # memory per GPU and per node
 
 Checkpoints store the pruned adapter already gathered from every rank (see :mod:`sora_ds.recipe.checkpoint`), so export
 needs no GPU, no DeepSpeed and not the base model.
@@ -40,6 +41,9 @@ from .checkpoint import STATE_FILE, latest_checkpoint
 from .generate import GenerateError, load_with_adapter, reply
 from .generate import __doc__ as generate_doc
 from .gguf import INSTALL, SMOLLM2, GGUFError, find_gguf, load_gguf
+from .plan import PlanError, plan_text
+from .plan import add_arguments as add_plan_arguments
+from .plan import from_args as plan_from_args
 from .outputs import (
     OutputError,
     check_destination,
@@ -310,8 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=None,
                    help="the base model (folder or Hub id); default: the one adapter_config.json names")
     p.add_argument("--max_new_tokens", type=int, default=64, help="the longest reply, in tokens (default: 64)")
+    p = sub.add_parser("plan", help="estimate a recipe's memory per GPU and per node before launching it",
+                       usage="sora-ds plan --config FILE.yaml [--gpus N] [--gpu-memory GB] [--engine E] [--key value ...]",
+                       description="Per-GPU and per-node host memory of a recipe from the model's shape (local "
+                                   "config.json, or the shapes of the shipped recipes' models), dtype, quantization, "
+                                   "adapter, batch, max_length, gradient_checkpointing and the engine; see "
+                                   "sora_ds/recipe/plan.py for the model of each part. An estimate, not a guarantee.")
+    add_plan_arguments(p)
     args, config_args = parser.parse_known_args(argv)
-    if config_args and args.command not in ("preview", "eval"):
+    if config_args and args.command not in ("preview", "eval", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(config_args)}")
     try:
         if args.command == "export":
@@ -332,9 +343,12 @@ def main(argv: list[str] | None = None) -> int:
             print(preview(config_args, args.n, sys.stdout.isatty()))
         elif args.command == "eval":
             print(evaluate(args.source, args.dataset, config_args, args.base, args.out, args.overwrite))
+        elif args.command == "plan":
+            p = plan_from_args(args, config_args)
+            print(plan_text(p, args.cpu))
         else:
             print(report(args.run_dir))
-    except (CLIError, OutputError, GGUFError, ConfigError, DataError, GenerateError) as e:
+    except (CLIError, OutputError, GGUFError, ConfigError, DataError, GenerateError, PlanError) as e:
         print(f"sora-ds {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

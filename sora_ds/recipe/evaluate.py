@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.batches import IGNORE_INDEX
+from ..engine import release_gathered
 from ..engine.quantized import check_4bit_layout
 
 
@@ -45,6 +46,7 @@ def evaluate(model, loader, accelerator) -> dict[str, float]:
             per_example[:, 4] = (answer & hits).sum(1).double()
         totals += accelerator.gather_for_metrics(per_example).sum(0)
     check_4bit_layout(model)
+    release_gathered(model)  # ZeRO-3: back to this rank's share before training or an export gathers again
     model.train(was_training)
     n = max(totals[1].item(), 1.0)
     answer = totals[4].item() / totals[3].item() if totals[3].item() else math.nan

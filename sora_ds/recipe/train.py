@@ -39,7 +39,8 @@ from ..data.batches import EpochSampler, micro_batches, supervised_tokens
 from ..data.chat import build_datasets, collate
 from ..data.fingerprint import dataset_fingerprint
 from ..data.records import DataError
-from ..engine import check_deepspeed_internals, local_numel, local_shard, sharding_report, zero_stage
+from ..engine import (check_deepspeed_internals, launch_deepspeed_config, local_numel, local_shard,
+                      return_freed_memory, sharding_report, zero_stage)
 from ..engine.deepspeed import UnsupportedDeepSpeed
 from ..engine.heartbeat import Heartbeat, is_timeout
 from . import run_dir
@@ -52,6 +53,7 @@ from .kernels import flatten_packed, use_fused_adamw
 from .manifest import CheckpointError
 from .model import base_model, build_accelerator, check_quantization, check_targets, dist_timeout, load_tokenizer
 from .outputs import OutputError, check_writable
+from .precision import consistent_precision
 from .resume import check_resume, identity
 from .summary import adapter_params, plot_rank_heatmap, rank_table, retained_fraction, serving_lines
 from .throughput import Throughput
@@ -243,7 +245,14 @@ def timeout_error(run: Run, error: RuntimeError) -> RankTimeout:
 def start(cfg: TrainConfig) -> Run:
     """Set-up, data, model, optimizer, accelerate's prepare and the resume: everything before the first step."""
     started = time.perf_counter()
+    # Before the accelerator: DeepSpeed's precision mode is fixed when it is built (sora_ds/recipe/precision.py).
+    ds_config = launch_deepspeed_config(cfg.deepspeed_config)
+    cfg, precision_note = consistent_precision(cfg, ds_config)
+    if (ds_config or {}).get("zero_optimization", {}).get("stage") == 3:
+        return_freed_memory()  # before the first gather (sora_ds/engine/host_memory.py)
     accelerator = build_accelerator(cfg)
+    if precision_note:
+        accelerator.print(f"sora-ds: {precision_note}")
     out = Path(cfg.output_dir)
     # Every check before the first byte of output: the checkpoint to resume and its settings, the output folder,
     # the data and the targets. A bad combination or malformed data fails before any model is loaded.
