@@ -1,26 +1,17 @@
 """What runs under the adapters: where weights live and how they move.
 
-- :mod:`.deepspeed`: every read of DeepSpeed internals and of ZeRO-partitioned parameters (the one sharding engine
-  today). The rest of sora_ds only calls the functions re-exported below, so a second engine (FSDP2) can be added
-  beside it by providing the same functions.
+- :mod:`.deepspeed`: every read of DeepSpeed internals and of ZeRO-partitioned parameters.
+- :mod:`.fsdp`: the same for PyTorch FSDP2 (DTensor parameters of ``fully_shard``), and how sora-ds shards a model.
+- :mod:`.sharded`: the interface below, dispatched per parameter to the engine that shards it. The rest of sora_ds
+  only calls the functions re-exported here.
 - :mod:`.quantized`: bitsandbytes 4-bit / 8-bit base layers (layout pinning, dequantizing for merges).
 - :mod:`.atomic`: atomic folder writes (a crash mid-save leaves the last good copy intact).
 
 Nothing here knows about adapters, data or recipes.
 """
 
-from .deepspeed import (
-    check_deepspeed_internals,
-    check_deepspeed_version,
-    gathered,
-    is_partitioned,
-    local_numel,
-    local_shard,
-    optimizer_fragments,
-    sharding_report,
-    without_zero_init,
-    zero_stage,
-)
+from .deepspeed import check_deepspeed_internals, check_deepspeed_version, without_zero_init, zero_stage
+from .sharded import gathered, is_partitioned, local_numel, local_shard, optimizer_fragments, sharding_report
 
 __all__ = [
     "check_deepspeed_internals",

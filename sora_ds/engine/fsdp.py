@@ -1,0 +1,110 @@
+"""PyTorch FSDP2 awareness in one place (``torch.distributed.fsdp.fully_shard``): the second sharding engine, beside
+:mod:`.deepspeed`, providing the same functions for DTensor parameters.
+
+Under FSDP2 every parameter of a sharded module is a ``DTensor`` sharded on dim 0 (``torch.chunk`` rows: rank ``k``
+holds rows ``[k * ceil(n / world), ...)``, unpadded); the optimizer steps those DTensors, so the element-wise work of
+SoRA and AdaLoRA runs on ``p.to_local()``, this rank's rows, with no communication. Reading whole values
+(:func:`gathered`) all-gathers only the parameters asked for (the adapter, never the base) and swaps them into their
+modules for the block.
+
+:func:`shard` is how sora-ds shards a model: ``fully_shard`` on every transformer block (``_no_split_modules``) and
+on the root, which is what accelerate's ``fsdp2_prepare_model`` does with ``TRANSFORMER_BASED_WRAP``. sora-ds calls
+it itself because accelerate 1.15 turns an FSDP config into FSDP only on GPU-like devices (``MULTI_GPU``, ...): on CPU
+(gloo) the processes stay ``MULTI_CPU`` and accelerate would wrap the model in DDP instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+OWNERS = "_sora_ds_owners"  # attribute set on each sharded parameter: the (module, name) pairs that hold it
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
+def local_shard(param: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of ``param`` (a view: in-place edits change the parameter)."""
+    return param.to_local() if is_partitioned(param) else param.data
+
+
+def local_numel(param: torch.Tensor) -> int:
+    return local_shard(param).numel()
+
+
+def shard_offset(param: torch.Tensor) -> int:
+    """Where this rank's elements start in the flattened full ``param`` (dim-0 sharding keeps them contiguous)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return offset[0] * math.prod(param.shape[1:])
+
+
+def optimizer_fragments(p: nn.Parameter, stepped: dict[int, torch.Tensor]):
+    """FSDP2 steps the DTensor ``p`` itself: its one fragment is this rank's local rows (offsets into
+    ``local_shard(p)`` and into the flattened full ``p``)."""
+    count = local_numel(p)
+    return True, ([(p, 0, shard_offset(p), count)] if count else [])
+
+
+def shard(model: nn.Module, reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
+    """``fully_shard`` every transformer block (the classes in ``model._no_split_modules``), then the root; in place.
+    Each sharded parameter remembers which modules hold it (for :func:`gathered`)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"reshard_after_forward": reshard_after_forward, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules())[1:]:
+        if type(module).__name__ in blocks:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})  # the root's leftovers stay gathered
+    record_owners(model)
+    return model
+
+
+def record_owners(model: nn.Module) -> None:
+    """Note on each DTensor parameter the modules that hold it, so :func:`gathered` can swap in full values (call
+    it after ``fully_shard`` if the model was sharded by someone else, e.g. accelerate)."""
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if is_partitioned(p):
+                owners = p.__dict__.setdefault(OWNERS, [])
+                if not any(m is module and n == name for m, n in owners):
+                    owners.append((module, name))
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[nn.Parameter]):
+    """Full values of the DTensor ``params`` in their modules inside the block (all-gathered, only these; read-only:
+    the sharded parameters come back unchanged after it). A collective: every rank enters with the same params."""
+    params = [p for p in params if is_partitioned(p)]
+    missing = [tuple(p.shape) for p in params if not p.__dict__.get(OWNERS)]
+    if missing:
+        raise RuntimeError(f"FSDP2 parameters of shapes {missing[:3]} have no recorded modules: call "
+                           "sora_ds.engine.fsdp.record_owners(model) after fully_shard")
+    full = [nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad) for p in params]
+    swapped = [(m, n, p) for p in params for m, n in p.__dict__[OWNERS]]
+    try:
+        for (module, name, _), f in zip(swapped, (f for p, f in zip(params, full) for _ in p.__dict__[OWNERS])):
+            module._parameters[name] = f
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+def _elements(params: Iterable[torch.Tensor]) -> tuple[int, int, int, int]:
+    """(elements in full, elements on this rank, bytes in full, bytes on this rank)."""
+    total = local = total_b = local_b = 0
+    for p in params:
+        full, mine, size = p.numel(), local_numel(p), p.element_size()
+        total, local, total_b, local_b = total + full, local + mine, total_b + full * size, local_b + mine * size
+    return total, local, total_b, local_b
