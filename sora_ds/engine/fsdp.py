@@ -108,3 +108,37 @@ def _elements(params: Iterable[torch.Tensor]) -> tuple[int, int, int, int]:
         full, mine, size = p.numel(), local_numel(p), p.element_size()
         total, local, total_b, local_b = total + full, local + mine, total_b + full * size, local_b + mine * size
     return total, local, total_b, local_b
+
+
+def local_state(named: dict[str, torch.Tensor], optimizer) -> dict:
+    """This rank's part of the trainable parameters ``named`` and of the optimizer's state, as plain tensors (for a
+    per-rank ``torch.save``; the frozen base is never in it). DTensor optimizer states (AdamW's moments) are saved
+    as their local rows and recorded, so :func:`load_local_state` turns them back into DTensors."""
+    opt = optimizer.state_dict()
+    dtensor_keys = []
+    for index, state in list(opt["state"].items()):
+        state = opt["state"][index] = dict(state)  # state_dict shares the live per-parameter dicts: copy first
+        for key, value in list(state.items()):
+            if is_partitioned(value):
+                state[key] = value.to_local().clone()
+                dtensor_keys.append((index, key))
+    return {"params": {n: local_shard(p).clone() for n, p in named.items()}, "optimizer": opt,
+            "dtensor_keys": dtensor_keys}
+
+
+@torch.no_grad()
+def load_local_state(named: dict[str, torch.Tensor], optimizer, saved: dict) -> None:
+    """Inverse of :func:`local_state` on the same process count: local rows back into the parameters, the optimizer
+    state back with its DTensor moments."""
+    for n, p in named.items():
+        local_shard(p).copy_(saved["params"][n])
+    optimizer.load_state_dict(saved["optimizer"])
+    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    params = [p for group in inner.param_groups for p in group["params"]]
+    from torch.distributed.tensor import DTensor
+
+    for index, key in saved["dtensor_keys"]:
+        p = params[index]
+        state = inner.state[p]
+        state[key] = DTensor.from_local(state[key], p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                        stride=p.stride())

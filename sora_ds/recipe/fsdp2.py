@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..adapters.errors import ConfigError
-from ..engine.fsdp import shard
+from ..engine.fsdp import load_local_state, local_state, shard
 
 FIX = "see launch/accelerate/fsdp2.yaml"
 
@@ -59,3 +59,27 @@ def shard_model(settings: dict | None, cfg, model: torch.nn.Module) -> None:
     # bf16 compute with fp32 gradient reduction; the stepped (sharded) parameters keep their dtype.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.mixed_precision == "bf16" else None
     shard(model, reshard_after_forward=settings["reshard_after_forward"], mp_policy=mp)
+
+
+def shard_file(accelerator) -> str:
+    return f"fsdp2_rank{accelerator.process_index}.pt"
+
+
+def save_shards(accelerator, model: torch.nn.Module, folder) -> None:
+    """Under FSDP2, every rank writes its rows of the adapter and of the optimizer state (accelerate's save_state
+    writes the optimizer from the main process only, which holds only its own rows)."""
+    if not accelerator.fsdp2:
+        return
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    torch.save(local_state(named, accelerator._optimizers[0]), folder / shard_file(accelerator))
+
+
+def load_shards(accelerator, model: torch.nn.Module, folder) -> None:
+    if not accelerator.fsdp2:
+        return
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    path = folder / shard_file(accelerator)
+    if not path.is_file():
+        raise ConfigError("resume_from", f"{folder} has no {path.name}: it was not written by an FSDP2 run with "
+                          f"{accelerator.num_processes} processes; resume with the launch config that wrote it")
+    load_local_state(named, accelerator._optimizers[0], torch.load(path, weights_only=False))

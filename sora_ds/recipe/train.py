@@ -285,7 +285,7 @@ def start(cfg: TrainConfig) -> Run:
     progress = {"step": 0, "micro_batches": 0, "stages": [], "run_id": uuid.uuid4().hex, "checkpoints": [],
                 "lambda": first_lambda(cfg) if steered(cfg) else None}
     if resume is not None:
-        load_checkpoint(accelerator, resume)
+        load_checkpoint(accelerator, resume, plain)
         # A 0.3 checkpoint has no "lambda"; it cannot be of a keep_fraction run (the key is newer), so None is right.
         progress = {k: saved.get(k, v) if k == "lambda" else saved[k] for k, v in progress.items()}
         accelerator.print(f"resumed from {resume} at step {progress['step']}")
