@@ -152,7 +152,7 @@ def worker(args: argparse.Namespace) -> None:
     times = h.report_times(arms, timing, [("SoRA / LoRA", arms[0], arms[1])], width=6, say=say)
     ratio = times["ratios"]["SoRA / LoRA"]["median"]
     say(f"  step-time ratio SoRA/LoRA {ratio:.3f} (target <= 1.05): {h.verdict(ratio, 1.05)}")
-    (sc, sb), (lc, lb) = arms[0].counted, arms[1].counted
+    (sc, _), (lc, _) = arms[0].counted, arms[1].counted
     say(f"  collectives per optimizer step{'':<16}{'SoRA':>8}{'LoRA':>8}")
     for op in sorted(set(sc) | set(lc)):
         say(f"    {op:<44}{sc.get(op, 0):>8}{lc.get(op, 0):>8}")

@@ -70,6 +70,16 @@ def shard(model: nn.Module, reshard_after_forward: bool = True, mp_policy=None) 
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Back to the sharded parameters everywhere (local, no collective). FSDP2 keeps the root's parameters (embeddings,
+    head) gathered after a forward that no backward follows, e.g. an evaluation."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def record_owners(model: nn.Module) -> None:
     """Note on each DTensor parameter the modules that hold it, so :func:`gathered` can swap in full values (call
     it after ``fully_shard`` if the model was sharded by someone else, e.g. accelerate)."""

@@ -58,6 +58,7 @@ def _elements(params: Iterable[torch.Tensor]) -> tuple[int, int, int, int]:
 def sharding_report(model: nn.Module, adapter: list[nn.Parameter]) -> dict[str, int]:
     """How much of the adapter (elements) and of the frozen base (bytes, packed 4-bit included) this rank holds;
     "on rank" equals the total when nothing is partitioned."""
+    fsdp.reshard(model)  # what this rank holds between steps, not what an evaluation left gathered
     ids = {id(p) for p in adapter}
     a_total, a_local, _, _ = _elements(adapter)
     _, _, b_total, b_local = _elements(p for p in model.parameters() if id(p) not in ids)

@@ -37,11 +37,15 @@ def fsdp2_settings(cfg) -> dict | None:
             raise ConfigError(key.lower(), f"true is not supported under FSDP2: {fix}")
     if cfg.deepspeed_config:
         raise ConfigError("deepspeed_config", "cannot be combined with an FSDP accelerate config: choose one engine "
-                          "(drop deepspeed_config, or launch with launch/accelerate/zero3.yaml)")
-    if cfg.quantization:
-        raise ConfigError("quantization", "4-bit/8-bit bases are not supported under FSDP2 in sora-ds yet (the packed "
-                          "weights' quant_state is not sharded with them); use launch/accelerate/zero3.yaml with "
-                          "bnb_4bit_quant_storage, or drop quantization")
+                          "(drop deepspeed_config, or use launch/accelerate/zero3.yaml instead of the FSDP config)")
+    q = cfg.quantization or {}
+    if q.get("load_in_8bit"):
+        raise ConfigError("quantization.load_in_8bit", "cannot be sharded by FSDP2 (int8 weights are not a float "
+                          f"DTensor); use load_in_4bit with bnb_4bit_quant_storage: {cfg.torch_dtype}")
+    if q.get("load_in_4bit") and q.get("bnb_4bit_quant_storage") != cfg.torch_dtype:
+        raise ConfigError("quantization.bnb_4bit_quant_storage", f"must be {cfg.torch_dtype} for 4-bit under FSDP2 (the "
+                          "model's torch_dtype) so the packed weights shard as float DTensors with the rest; got "
+                          f"{q.get('bnb_4bit_quant_storage')!r}: set bnb_4bit_quant_storage: {cfg.torch_dtype}")
     if cfg.mixed_precision == "fp16":
         raise ConfigError("mixed_precision", "fp16 is not supported under FSDP2 (no gradient scaler for DTensor "
                           "gradients here); use bf16 or no")

@@ -57,7 +57,7 @@ def test_sora_fsdp2_two_ranks_equals_one_process(runs):
     assert (s["fsdp_version"], s["zero_stage"], s["num_processes"]) == (2, 0, 2)
     # The adapter and gates were really sharded: rank 0 held half of the elements (every dim 0 here is even).
     assert s["adapter_elements_on_rank"] / s["adapter_elements"] == 0.5
-    assert s["base_bytes_on_rank"] < s["base_bytes"]
+    assert 0.45 < s["base_bytes_on_rank"] / s["base_bytes"] < 0.55  # the base too (embeddings: 263 rows, uneven)
 
 
 def test_sora_fsdp2_resume_continues_exactly_and_exports(runs, tmp_path):
@@ -100,8 +100,11 @@ def test_adalora_masks_are_exactly_zero_in_the_sharded_parameters(runs):
     ({"FSDP_VERSION": "1"}, [], "fsdp_version"),
     ({"FSDP_OFFLOAD_PARAMS": "true"}, [], "fsdp_offload_params"),
     ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, [], "fsdp_activation_checkpointing"),
-    ({}, ["--quantization", QUANT_4BIT], "quantization"),
+    ({}, ["--quantization", "{load_in_8bit: true}"], "quantization.load_in_8bit"),
+    ({}, ["--quantization", QUANT_4BIT.replace("quant_storage: float32", "quant_storage: uint8")],
+     "quantization.bnb_4bit_quant_storage"),
     ({}, ["--mixed_precision", "fp16"], "mixed_precision"),
+    ({}, ["--deepspeed_config", "ds_configs/zero3.json"], "deepspeed_config"),
 ])
 def test_refused_fsdp2_combinations_name_the_key_and_the_fix(monkeypatch, env, extra, key):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
