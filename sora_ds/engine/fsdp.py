@@ -96,11 +96,14 @@ def gathered(params: Iterable[nn.Parameter]):
     """Full values of the DTensor ``params`` in their modules inside the block (all-gathered, only these; read-only:
     the sharded parameters come back unchanged after it). A collective: every rank enters with the same params."""
     params = [p for p in params if is_partitioned(p)]
+    if not params:
+        yield
+        return
     missing = [tuple(p.shape) for p in params if not p.__dict__.get(OWNERS)]
     if missing:
         raise RuntimeError(f"FSDP2 parameters of shapes {missing[:3]} have no recorded modules: call "
                            "sora_ds.engine.fsdp.record_owners(model) after fully_shard")
-    full = [nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad) for p in params]
+    full = [nn.Parameter(f, requires_grad=p.requires_grad) for p, f in zip(params, _full_tensors(params))]
     swapped = [(m, n, p) for p in params for m, n in p.__dict__[OWNERS]]
     try:
         for (module, name, _), f in zip(swapped, (f for p, f in zip(params, full) for _ in p.__dict__[OWNERS])):
@@ -109,6 +112,34 @@ def gathered(params: Iterable[nn.Parameter]):
     finally:
         for module, name, p in swapped:
             module._parameters[name] = p
+
+
+def _full_tensors(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The full values of dim-0-sharded DTensors, in one all-gather per dtype (instead of one per tensor): every rank
+    sends its rows of all of them, each padded to ``ceil(rows / world)`` rows (``torch.chunk``'s split, FSDP2's)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    if any(p.placements != (Shard(0),) for p in params):  # not FSDP2's layout: let DTensor gather each one
+        return [p.full_tensor() for p in params]
+    group = params[0].device_mesh.get_group()
+    world = dist.get_world_size(group)
+    out: list[torch.Tensor | None] = [None] * len(params)
+    for dtype in {p.dtype for p in params}:
+        index = [i for i, p in enumerate(params) if p.dtype == dtype]
+        sizes = [math.ceil(params[i].shape[0] / world) * math.prod(params[i].shape[1:]) for i in index]
+        mine = torch.cat([torch.nn.functional.pad(local_shard(params[i]).reshape(-1), (0, n - local_numel(params[i])))
+                          for i, n in zip(index, sizes)])
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine, group=group)
+        every = torch.stack(parts)  # world x sum(sizes)
+        offset = 0
+        for i, n in zip(index, sizes):
+            p = params[i]
+            rows = every[:, offset:offset + n].reshape(-1, *p.shape[1:])
+            out[i] = rows[: p.shape[0]].clone()
+            offset += n
+    return out
 
 
 def _elements(params: Iterable[torch.Tensor]) -> tuple[int, int, int, int]:

@@ -79,7 +79,12 @@ def save_shards(accelerator, model: torch.nn.Module, folder) -> None:
 
 
 def load_shards(accelerator, model: torch.nn.Module, folder) -> None:
+    """The inverse of :func:`save_shards`; a checkpoint of an FSDP2 run is refused without FSDP2 (accelerate's own
+    state in it holds no adapter weights)."""
     if not accelerator.fsdp2:
+        if any(folder.glob("fsdp2_rank*.pt")):
+            raise ConfigError("resume_from", f"{folder} was written by an FSDP2 run: resume it with "
+                              "launch/accelerate/fsdp2.yaml and the same process count (or export its adapter/)")
         return
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     path = folder / shard_file(accelerator)
