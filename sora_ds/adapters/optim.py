@@ -20,7 +20,7 @@ from .allocator import RankAllocator
 from .config import AdaLoRAConfig
 from .inject import branch_parameters, gate_parameters, adapter_layers
 from .prox import THRESHOLD_MODES, soft_threshold_, threshold
-from ..engine import local_shard
+from ..engine import stepped_values
 
 
 class AdapterAdamW(torch.optim.AdamW):
@@ -40,7 +40,7 @@ class AdapterAdamW(torch.optim.AdamW):
             if group.get("sora_gate"):
                 tau = threshold(group["lr"], group["sparse_lambda"], group["threshold_mode"])
                 # On this rank's values (FSDP2 steps DTensors: their local rows), so no collective.
-                soft_threshold_([local_shard(p) for p in group["params"]], tau)
+                soft_threshold_([stepped_values(p) for p in group["params"]], tau)
             elif group.get("adalora") and group["params"]:  # ZeRO-3 steps one sub-group at a time
                 self.rank_allocator.after_update(self, group)
         return loss

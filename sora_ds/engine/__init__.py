@@ -11,7 +11,8 @@ Nothing here knows about adapters, data or recipes.
 """
 
 from .deepspeed import check_deepspeed_internals, check_deepspeed_version, without_zero_init, zero_stage
-from .sharded import gathered, is_partitioned, local_numel, local_shard, optimizer_fragments, sharding_report
+from .sharded import (gathered, is_partitioned, local_numel, local_shard, optimizer_fragments, sharding_report,
+                      stepped_values)
 
 __all__ = [
     "check_deepspeed_internals",
@@ -22,6 +23,7 @@ __all__ = [
     "local_shard",
     "optimizer_fragments",
     "sharding_report",
+    "stepped_values",
     "without_zero_init",
     "zero_stage",
 ]

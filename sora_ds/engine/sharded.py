@@ -32,9 +32,16 @@ def local_numel(param: torch.Tensor) -> int:
     return _engine(param).local_numel(param)
 
 
+def stepped_values(t: torch.Tensor) -> torch.Tensor:
+    """The values of a tensor the optimizer steps, to work on in place: FSDP2's DTensor -> its local rows; a ZeRO
+    flat fp32 shard or a whole parameter -> itself (not :func:`local_shard`: DeepSpeed's flat shards may carry a
+    ``ds_id`` without being partitioned parameters)."""
+    return t.to_local() if fsdp.is_partitioned(t) else t
+
+
 def optimizer_fragments(p: nn.Parameter, stepped: dict[int, torch.Tensor]):
     """See :func:`sora_ds.engine.deepspeed.optimizer_fragments`: ``(sharded, [(stepped tensor, offset in its local
-    shard, offset in flattened p, count)])``."""
+    shard, offset in flattened p, count)])``; the local shard of a stepped tensor is :func:`stepped_values`."""
     return _engine(p).optimizer_fragments(p, stepped)
 
 

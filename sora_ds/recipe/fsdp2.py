@@ -72,7 +72,7 @@ def shard_file(accelerator) -> str:
 def save_shards(accelerator, model: torch.nn.Module, folder) -> None:
     """Under FSDP2, every rank writes its rows of the adapter and of the optimizer state (accelerate's save_state
     writes the optimizer from the main process only, which holds only its own rows)."""
-    if not accelerator.fsdp2:
+    if not getattr(accelerator, "fsdp2", None):  # an Accelerator not built by build_accelerator: no FSDP2
         return
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     torch.save(local_state(named, accelerator._optimizers[0]), folder / shard_file(accelerator))
@@ -81,7 +81,7 @@ def save_shards(accelerator, model: torch.nn.Module, folder) -> None:
 def load_shards(accelerator, model: torch.nn.Module, folder) -> None:
     """The inverse of :func:`save_shards`; a checkpoint of an FSDP2 run is refused without FSDP2 (accelerate's own
     state in it holds no adapter weights)."""
-    if not accelerator.fsdp2:
+    if not getattr(accelerator, "fsdp2", None):  # an Accelerator not built by build_accelerator: no FSDP2
         if any(folder.glob("fsdp2_rank*.pt")):
             raise ConfigError("resume_from", f"{folder} was written by an FSDP2 run: resume it with "
                               "launch/accelerate/fsdp2.yaml and the same process count (or export its adapter/)")
