@@ -5,10 +5,12 @@ so the tiny model's adapters are really split (checked: the fraction each rank h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,13 +18,14 @@ import pytest
 from safetensors.torch import load_file
 
 from sora_ds.adapters.errors import ConfigError
-from sora_ds.recipe.checkpoint import point_latest
 from sora_ds.recipe.cli import main as cli
 from sora_ds.recipe.config import load_config
 from sora_ds.recipe.fsdp2 import fsdp2_settings
-from tests.recipe.test_distributed import (ACCELERATE, ADALORA, ADALORA_SCHEDULE, ADALORA_STEPS, QUANT_4BIT,
-                                           assert_same_allocation, assert_same_training, recipe_args, run, summary)
-from tests.support import free_port
+from tests.recipe.test_distributed import (ACCELERATE, ADALORA, ADALORA_SCHEDULE, ADALORA_STEPS, ENV, QUANT_4BIT,
+                                           RECIPE, assert_same_allocation, assert_same_training, recipe_args, run,
+                                           summary)
+from tests.recipe.test_kills import FREEZE, _training_ranks, wait_for
+from tests.support import REPO, free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -60,17 +63,32 @@ def test_sora_fsdp2_two_ranks_equals_one_process(runs):
     assert 0.45 < s["base_bytes_on_rank"] / s["base_bytes"] < 0.55  # the base too (embeddings: 263 rows, uneven)
 
 
-def test_sora_fsdp2_resume_continues_exactly_and_exports(runs, tmp_path):
-    resumed = tmp_path / "resumed"
-    shutil.copytree(runs["fsdp2"], resumed, symlinks=True)
-    for name in ("adapter", "summary.json", "checkpoints/checkpoint-8"):  # back to how it was after step 4
-        (shutil.rmtree if (resumed / name).is_dir() else os.remove)(resumed / name)
-    point_latest(resumed / "checkpoints", "checkpoint-4")
-    assert sorted(p.name for p in (resumed / "checkpoints" / "checkpoint-4").glob("fsdp2_rank*.pt")) == [
-        "fsdp2_rank0.pt", "fsdp2_rank1.pt"]
-    fsdp2(*recipe_args(resumed, "--model_name_or_path", runs["base"], "--per_device_train_batch_size", "4",
-                       "--save_every", "4", "--resume_from", "latest"))
-    assert_same_training(runs["fsdp2"], resumed, rtol=1e-6)
+def test_sora_fsdp2_kill_9_mid_save_then_resume_continues_exactly_and_exports(runs, tmp_path):
+    """kill -9 of both ranks while the last checkpoint is being saved (frozen on rank 0 after its manifest is
+    written, before it is published); the resumed run continues from checkpoint-4 exactly as the uninterrupted one."""
+    out, ready = tmp_path / "killed", tmp_path / "frozen"
+    args = recipe_args(out, "--model_name_or_path", runs["base"], "--per_device_train_batch_size", "4",
+                       "--save_every", "4")[1:]  # freeze_at's "recipe" entry is recipes/llama_sora.py's main
+    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *FSDP2, "--main_process_port",
+                             str(free_port()), FREEZE, "sora_ds.recipe.checkpoint:write_manifest", "2", str(ready),
+                             "recipe", *args], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    ranks = {}
+    try:
+        wait_for(ready.exists, proc, "the second checkpoint's manifest")
+        ranks = _training_ranks(proc.pid)
+        assert sorted(ranks) == [0, 1]
+    finally:
+        for pid in [*ranks.values(), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    root = out / "checkpoints"
+    assert os.readlink(root / "latest") == "checkpoint-4" and (root / ".checkpoint-8.tmp").is_dir()
+    assert sorted(p.name for p in (root / "checkpoint-4").glob("fsdp2_rank*.pt")) == ["fsdp2_rank0.pt",
+                                                                                      "fsdp2_rank1.pt"]
+    fsdp2(RECIPE, *args, "--resume_from", "latest")
+    assert_same_training(runs["fsdp2"], out, rtol=1e-6)
     # `sora-ds export` of an FSDP2 checkpoint: the whole (gathered) adapter, as the one-process checkpoint's.
     for name in ("single", "fsdp2"):
         assert cli(["export", str(runs[name] / "checkpoints" / "checkpoint-4"), str(tmp_path / name)]) == 0
