@@ -104,14 +104,15 @@ def gathered(params: Iterable[nn.Parameter]):
         raise RuntimeError(f"FSDP2 parameters of shapes {missing[:3]} have no recorded modules: call "
                            "sora_ds.engine.fsdp.record_owners(model) after fully_shard")
     full = [nn.Parameter(f, requires_grad=p.requires_grad) for p, f in zip(params, _full_tensors(params))]
-    swapped = [(m, n, p) for p in params for m, n in p.__dict__[OWNERS]]
+    # What each module holds now (FSDP2 may hold an unsharded copy, e.g. the root's after an eval) is put back after.
+    swapped = [(m, n, m._parameters[n]) for p in params for m, n in p.__dict__[OWNERS]]
     try:
         for (module, name, _), f in zip(swapped, (f for p, f in zip(params, full) for _ in p.__dict__[OWNERS])):
             module._parameters[name] = f
         yield
     finally:
-        for module, name, p in swapped:
-            module._parameters[name] = p
+        for module, name, held in swapped:
+            module._parameters[name] = held
 
 
 def _full_tensors(params: list[torch.Tensor]) -> list[torch.Tensor]:
