@@ -686,6 +686,7 @@ COLLECTIVES = (
     "all_to_all_single", "all_to_all", "all_gather_object", "broadcast_object_list", "gather_object",
     "scatter_object_list", "reduce", "gather", "scatter", "all_reduce_coalesced", "send", "recv", "isend", "irecv",
     "batch_isend_irecv",
+    "all_gather_single", "reduce_scatter_single",  # FSDP2's (torch >= 2.13)
 )
 
 

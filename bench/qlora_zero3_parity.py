@@ -1,7 +1,8 @@
-"""4-bit (NF4) SoRA under ZeRO-3 on 2 CPU ranks against one process, with evals between training steps, on both
-of bitsandbytes' CPU code paths (AVX512-BF16 and generic, forced whatever this CPU is).
+"""4-bit (NF4) SoRA under ZeRO-3 (or FSDP2) on 2 CPU ranks against one process, with evals between training steps,
+on both of bitsandbytes' CPU code paths (AVX512-BF16 and generic, forced whatever this CPU is).
 
     python bench/qlora_zero3_parity.py                       # 24 steps, eval every 4, writes bench/results/...
+    python bench/qlora_zero3_parity.py --engine fsdp2        # the same under FSDP2 (launch/accelerate/fsdp2.yaml)
     python bench/qlora_zero3_parity.py --steps 8 --out /tmp/parity.md
 
 Each arm is the recipe as users run it (`python recipes/llama_sora.py`, `accelerate launch ... zero3.yaml`), on the
@@ -76,13 +77,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--eval_every", type=int, default=4)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "qlora_zero3_parity.md"))
+    parser.add_argument("--engine", choices=("zero3", "fsdp2"), default="zero3")
+    parser.add_argument("--out", default=None, help="default: bench/results/qlora_<engine>_parity.md")
     args = parser.parse_args()
+    args.out = args.out or str(REPO / "bench" / "results" / f"qlora_{args.engine}_parity.md")
+
     root = Path(tempfile.mkdtemp(prefix="qlora_parity_"))
     sharded = root / "zero3_sharded.json"  # threshold 0: every adapter tensor and gate really split across ranks
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     sharded.write_text(json.dumps(ds))
+    engine = (["--config_file", "launch/accelerate/fsdp2.yaml"] if args.engine == "fsdp2" else
+              ["--config_file", "launch/accelerate/zero3.yaml", "--deepspeed_config_file", str(sharded)])
     # The recipe's own learning rate and sparsity settings (lr 1e-2, lr-scaled lambda).
     common = ["--max_steps", str(args.steps), "--log_every", "1", "--eval_every", str(args.eval_every)]
     base_run = root / "base"
@@ -93,8 +99,8 @@ def main() -> None:
         one, two = root / f"one_{path}", root / f"two_{path}"
         times[(path, 1)] = launch([sys.executable, FORCE, path, "recipes/llama_sora.py", *common, *base,
                                    "--per_device_train_batch_size", "8", "--output_dir", str(one)])
-        times[(path, 2)] = launch([str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", "launch/accelerate/zero3.yaml",
-                                   "--deepspeed_config_file", str(sharded), "--num_processes", "2",
+        times[(path, 2)] = launch([str(Path(sys.executable).with_name("accelerate")), "launch", *engine,
+                                   "--num_processes", "2",
                                    "--main_process_port", str(free_port()), FORCE, path, "recipes/llama_sora.py",
                                    *common, *base, "--per_device_train_batch_size", "4", "--output_dir", str(two)])
         rows[path] = compare(one, two)
@@ -109,19 +115,23 @@ def render(args, rows: dict, times: dict, cross: dict) -> str:
     """The markdown table of one run (one row per bitsandbytes CPU path) and the mid-run eval losses."""
     import bitsandbytes
 
+    name = {"zero3": "ZeRO-3", "fsdp2": "FSDP2"}[args.engine]
     lines = [
-        "# 4-bit ZeRO-3 (2 ranks) vs one process, with evals between training steps",
+        f"# 4-bit {name} (2 ranks) vs one process, with evals between training steps",
         "",
         f"Device: {h.device_name(False)} (CPU, no GPU); this CPU's own bitsandbytes path: "
         f"{'avx512_bf16' if bitsandbytes.functional.has_avx512bf16() else 'generic'}. "
         + h.version_text(h.versions("torch", "deepspeed", "transformers", "bitsandbytes")) + ".",
-        f"Command: `python bench/qlora_zero3_parity.py --steps {args.steps} --eval_every {args.eval_every}`. The recipe's "
+        f"Command: `python bench/qlora_zero3_parity.py --engine {args.engine} --steps {args.steps} --eval_every "
+        f"{args.eval_every}`. The recipe's "
         "tiny Llama and its defaults (lr 1e-2, lr-scaled lambda), NF4 with double quant, SoRA on all 7 linear types, "
         "global batch 8, "
-        "`stage3_param_persistence_threshold: 0`; both bitsandbytes CPU paths forced by tests/scripts/with_bnb_cpu_path.py.",
+        + ("`stage3_param_persistence_threshold: 0`" if args.engine == "zero3" else "launch/accelerate/fsdp2.yaml")
+        + "; both bitsandbytes CPU paths forced by tests/scripts/with_bnb_cpu_path.py.",
         "",
-        "| bnb CPU path | max rel. loss diff (all steps) | max rel. eval-loss diff (mid-run) | final eval loss 1 proc / ZeRO-3 | "
-        "final token acc 1 proc / ZeRO-3 | same kept ranks | adapter max abs diff | base share on rank 0 | wall 1 proc / ZeRO-3 |",
+        "| bnb CPU path | max rel. loss diff (all steps) | max rel. eval-loss diff (mid-run) | final eval loss 1 proc / "
+        f"{name} | final token acc 1 proc / {name} | same kept ranks | adapter max abs diff | base share on rank 0 | "
+        f"wall 1 proc / {name} |",
         "|---|---:|---:|---|---|---|---:|---:|---|",
     ]
     for path, r in rows.items():
@@ -136,7 +146,7 @@ def render(args, rows: dict, times: dict, cross: dict) -> str:
         f"One process, AVX512-BF16 path vs generic path: max rel. loss diff {cross['max_rel_loss_diff']:.1e}, "
         f"max rel. eval diff {cross['max_rel_eval_diff']:.1e}, adapter max abs diff {cross['adapter_max_abs_diff']:.1e}.",
         "",
-        "Mid-run eval losses (step: one process / ZeRO-3):",
+        f"Mid-run eval losses (step: one process / {name}):",
         "",
     ]
     for path, r in rows.items():

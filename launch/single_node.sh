@@ -19,7 +19,7 @@ Options:
   --gpus N                  processes to start (default: the number of visible CUDA GPUs; required without a GPU)
   --recipe SCRIPT           recipe script (default: recipes/llama_sora.py)
   --accelerate-config YAML  accelerate config (default: launch/accelerate/zero3.yaml; also ddp.yaml, zero2.yaml,
-                            zero3_offload.yaml in launch/accelerate/)
+                            zero3_offload.yaml, fsdp2.yaml in launch/accelerate/)
   --main-process-port P     rendezvous port (default: accelerate's 29500; 0 picks a free one)
   --dry-run                 print the command instead of running it
   -h, --help                show this help and exit

@@ -3,8 +3,8 @@
 Why inside the step: with DeepSpeed, ``accelerator.backward`` runs the optimizer step and clears the gradients, so
 scores taken "after ``optimizer.step()``" (where PEFT takes them) see no gradients, and a mask written to the model's
 low-precision copy is overwritten from the fp32 master at the next step. Inside :meth:`AdapterAdamW.step` the tensors
-are the fp32 master (whole parameters on one process, flat per-rank shards under ZeRO-1/2/3) with their gradients
-still attached, and anything written there sticks.
+are the fp32 master (whole parameters on one process, flat per-rank shards under ZeRO-1/2/3, DTensors under FSDP2,
+worked on through their local rows) with their gradients still attached, and anything written there sticks.
 
 Per optimizer step ``t`` (counted inside the optimizer, so gradient accumulation is handled), after the AdamW update:
 
@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .config import AdaLoRAConfig
 from .layer import GatedLoRALinear
-from ..engine import optimizer_fragments
+from ..engine import optimizer_fragments, stepped_values
 
 SLOT_BLOCKS = ("E", "A", "B")  # slot blocks: E_i, row i of A (= Q), column i of B (= P)
 
@@ -95,20 +95,20 @@ class RankAllocator:
             if pruned is not None:
                 if pruned.dtype != torch.bool:  # torch's load_state_dict casts state to the parameter's dtype
                     pruned = state["adalora_pruned"] = pruned.bool()
-                t.masked_fill_(pruned, 0.0)
+                stepped_values(t).masked_fill_(pruned, 0.0)
 
     def _update_importance(self, optimizer, tensors: list[torch.Tensor]) -> None:
         live = [t for t in tensors if t.grad is not None]
         if not live:
             return
-        for t in live:
+        for t in live:  # kept as this rank's values (an FSDP2 DTensor's local rows), keyed by the stepped tensor
             state = optimizer.state[t]
             if "ipt_avg" not in state:
-                state["ipt_avg"] = torch.zeros_like(t, memory_format=torch.preserve_format)
-                state["ipt_unc"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+                state["ipt_avg"] = torch.zeros_like(stepped_values(t), memory_format=torch.preserve_format)
+                state["ipt_unc"] = torch.zeros_like(stepped_values(t), memory_format=torch.preserve_format)
         avgs = [optimizer.state[t]["ipt_avg"] for t in live]
         uncs = [optimizer.state[t]["ipt_unc"] for t in live]
-        ipt = torch._foreach_mul(live, [t.grad for t in live])
+        ipt = torch._foreach_mul([stepped_values(t) for t in live], [stepped_values(t.grad) for t in live])
         torch._foreach_abs_(ipt)
         torch._foreach_lerp_(avgs, ipt, 1 - self.beta1)
         dev = torch._foreach_sub(ipt, avgs)
@@ -142,7 +142,7 @@ class RankAllocator:
         for t, layout in zip(tensors, layouts):
             if not len(layout.e_pos):  # no E element here (a Q or P on one process): nothing to mask
                 continue
-            pruned = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+            pruned = torch.zeros(stepped_values(t).shape, dtype=torch.bool, device=t.device)
             pruned.view(-1)[layout.e_pos.to(t.device)] = pruned_slots[layout.e_slot].to(t.device)
             optimizer.state[t]["adalora_pruned"] = pruned
 
@@ -162,7 +162,7 @@ class RankAllocator:
 
     def _build_layouts(self, tensors: list[torch.Tensor]) -> None:
         n, r = self.n_triplets, self.r
-        slots = {id(t): torch.full((t.numel(),), 3 * n, dtype=torch.int64) for t in tensors}
+        slots = {id(t): torch.full((stepped_values(t).numel(),), 3 * n, dtype=torch.int64) for t in tensors}
         e_pos: dict[int, list[torch.Tensor]] = {id(t): [] for t in tensors}
         e_slot: dict[int, list[torch.Tensor]] = {id(t): [] for t in tensors}
         by_id = {id(t): t for t in tensors}

@@ -2,8 +2,9 @@
 
 DeepSpeed accepts a single client optimizer, so the gates cannot have an optimizer of their own (as in the
 authors' code); they are a param group carrying ``sora_gate=True``, ``sparse_lambda`` and ``threshold_mode``.
-Under ZeRO, DeepSpeed calls :meth:`AdapterAdamW.step` with each group's ``params`` replaced by a flat fp32 shard:
-the soft threshold is element-wise, so it is exact on shards and needs no communication.
+Under ZeRO, DeepSpeed calls :meth:`AdapterAdamW.step` with each group's ``params`` replaced by a flat fp32 shard;
+under FSDP2 the params are DTensors, stepped on their local rows. The soft threshold is element-wise, so it is exact
+on shards and needs no communication.
 
 AdaLoRA's Q, P and E form one group flagged ``adalora=True``, handed after each update to the optimizer's
 :class:`sora_ds.adapters.allocator.RankAllocator` (importance scores, global budget, masks), for the same reason: only there
@@ -19,6 +20,7 @@ from .allocator import RankAllocator
 from .config import AdaLoRAConfig
 from .inject import branch_parameters, gate_parameters, adapter_layers
 from .prox import THRESHOLD_MODES, soft_threshold_, threshold
+from ..engine import stepped_values
 
 
 class AdapterAdamW(torch.optim.AdamW):
@@ -37,7 +39,8 @@ class AdapterAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             if group.get("sora_gate"):
                 tau = threshold(group["lr"], group["sparse_lambda"], group["threshold_mode"])
-                soft_threshold_(group["params"], tau)
+                # On this rank's values (FSDP2 steps DTensors: their local rows), so no collective.
+                soft_threshold_([stepped_values(p) for p in group["params"]], tau)
             elif group.get("adalora") and group["params"]:  # ZeRO-3 steps one sub-group at a time
                 self.rank_allocator.after_update(self, group)
         return loss

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..adapters.export import export_peft
 from ..engine.atomic import publish
+from .fsdp2 import load_shards, save_shards
 from .manifest import CheckpointError, verify_manifest, write_manifest
 from .outputs import OutputError, describe_write_error
 
@@ -68,6 +69,7 @@ def save_checkpoint(
     try:
         extra = {"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}
         accelerator.save_state(str(tmp), **extra)
+        save_shards(accelerator, plain_model, tmp)
         export_peft(plain_model, tmp / "adapter")
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(loop_state))
@@ -162,7 +164,9 @@ def read_state(path: Path, check: bool = True) -> dict:
         return {}
 
 
-def load_checkpoint(accelerator, path: Path) -> None:
-    """Restore accelerate/DeepSpeed state from ``path`` (whose manifest :func:`read_state` has verified)."""
+def load_checkpoint(accelerator, path: Path, plain_model=None) -> None:
+    """Restore accelerate/DeepSpeed/FSDP2 state from ``path`` (whose manifest :func:`read_state` has verified)."""
     extra = {"load_module_strict": False} if _is_deepspeed(accelerator) else {"strict": False}
     accelerator.load_state(str(path), **extra)
+    if plain_model is not None:
+        load_shards(accelerator, plain_model, path)

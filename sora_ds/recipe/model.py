@@ -15,6 +15,7 @@ from ..engine.heartbeat import default_collective_timeout
 from ..engine.atomic import atomic_dir
 from .config import ConfigError, TrainConfig, chat_template_text
 from .kernels import apply_liger, check_compile, dynamo_backend
+from .fsdp2 import fsdp2_settings
 
 
 def build_accelerator(cfg: TrainConfig):
@@ -26,6 +27,7 @@ def build_accelerator(cfg: TrainConfig):
     # Launched on several processes without a GPU, accelerate would pick no backend (and DeepSpeed would then see
     # one process): ask for gloo. A plain single process must not ask, or accelerate expects a process group.
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    fsdp2 = fsdp2_settings(cfg)  # checked (and taken from accelerate) before anything else: see recipe/fsdp2.py
     gpu = torch.cuda.is_available()
     handlers = []
     if multi:  # the timeout is what turns a rank that stopped responding into an error instead of a silent hang
@@ -47,6 +49,7 @@ def build_accelerator(cfg: TrainConfig):
         log_with=trackers(cfg.report_to, cfg.output_dir) or None,
         project_dir=cfg.output_dir,
         **dynamo_backend(cfg),
+        cpu=fsdp2 is not None and not gpu,  # FSDP2 on CPU: accelerate's MULTI_CPU (gloo) process group
     )
     check_compile(cfg, accelerator)
     if multi and accelerator.distributed_type == DistributedType.NO:
@@ -55,7 +58,8 @@ def build_accelerator(cfg: TrainConfig):
         raise ConfigError(
             "distributed_type", f"the launcher started {os.environ['WORLD_SIZE']} processes but accelerate set up no "
             "distributed training (a MULTI_GPU config on a machine without a GPU?); on CPU launch with "
-            "launch/accelerate/zero2.yaml or zero3.yaml")
+            "launch/accelerate/zero2.yaml, zero3.yaml or fsdp2.yaml")
+    accelerator.fsdp2 = fsdp2  # sora-ds's FSDP2 settings (None without FSDP2)
     ds = accelerator.state.deepspeed_plugin
     if ds is not None:
         check_deepspeed_version()

@@ -47,6 +47,7 @@ from . import run_dir
 from .checkpoint import keep_trainable_only, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config, save_config, steps_for_epochs
 from .evaluate import evaluate
+from .fsdp2 import shard_model
 from .task_eval import Evaluator, as_record, build_task, trim_samples
 from .interrupt import StopRequest
 from .kernels import flatten_packed, use_fused_adamw
@@ -285,10 +286,14 @@ def start(cfg: TrainConfig) -> Run:
     accelerator.wait_for_everyone()
     plain = base_model(cfg, tokenizer, out, accelerator)
     inject(plain, cfg.adapter)
+    shard_model(accelerator.fsdp2, cfg, plain)  # FSDP2: the optimizer must see the sharded (DTensor) parameters
     optimizer, lr_scheduler = build_optimizer_and_schedule(cfg, plain, use_fused_adamw(cfg, accelerator.device))
     train_dl, eval_dl, mem_dl = loaders(cfg, tokenizer, train_ds, eval_ds)
     keep_trainable_only(accelerator, plain)
-    model, optimizer, train_dl, lr_scheduler = accelerator.prepare(plain, optimizer, train_dl, lr_scheduler)
+    if accelerator.fsdp2 is None:
+        model, optimizer, train_dl, lr_scheduler = accelerator.prepare(plain, optimizer, train_dl, lr_scheduler)
+    else:  # already sharded: accelerate must not wrap it (in DDP) again
+        model, (optimizer, train_dl, lr_scheduler) = plain, accelerator.prepare(optimizer, train_dl, lr_scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
     check_deepspeed_internals(trainable, zero_stage(accelerator))
     eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
@@ -296,7 +301,7 @@ def start(cfg: TrainConfig) -> Run:
     progress = {"step": 0, "micro_batches": 0, "stages": [], "run_id": uuid.uuid4().hex, "checkpoints": [],
                 "lambda": first_lambda(cfg) if steered(cfg) else None}
     if resume is not None:
-        load_checkpoint(accelerator, resume)
+        load_checkpoint(accelerator, resume, plain)
         # A 0.3 checkpoint has no "lambda"; it cannot be of a keep_fraction run (the key is newer), so None is right.
         progress = {k: saved.get(k, v) if k == "lambda" else saved[k] for k, v in progress.items()}
         accelerator.print(f"resumed from {resume} at step {progress['step']}")
@@ -533,6 +538,7 @@ def finish(run: Run, stopped: str | None = None) -> dict:
         "data": run.data_counts,
         "num_processes": accelerator.num_processes,
         "zero_stage": zero_stage(accelerator),
+        "fsdp_version": 2 if accelerator.fsdp2 else 0,
         **sharding_report(plain, adapter_tensors([m for _, m in adapter_layers(plain)])),
         "train_time_s": train_time,
         "throughput": run.meter.summary(),  # run averages of the metrics records' tokens/s and mfu
@@ -550,8 +556,8 @@ def finish(run: Run, stopped: str | None = None) -> dict:
             f"final eval loss: {final['loss']:.4f}  wall time: {summary['wall_time_s']:.1f}s  -> {out}"
         )
     if cfg.save_merged and stopped is None:
-        if accelerator.state.deepspeed_plugin is not None:
-            accelerator.print("save_merged is skipped under DeepSpeed; merge the exported adapter afterwards")
+        if accelerator.state.deepspeed_plugin is not None or accelerator.fsdp2:
+            accelerator.print("save_merged is skipped under DeepSpeed and FSDP2; merge the exported adapter afterwards")
         elif accelerator.is_main_process:
             save_merged(plain, out / "merged")
     accelerator.wait_for_everyone()
