@@ -176,10 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
-    rc, result = h.launch_ranks(__file__, argv, args.nproc, args.timeout)
-    if result is not None:
-        h.write_json(args.json, result)
-    return rc
+    return h.launch_and_write(__file__, argv, args)
 
 
 if __name__ == "__main__":

@@ -435,6 +435,15 @@ def verdict(ratio: float, target: float, strict: bool = False) -> str:
 # ranks: launcher (torchrun on the calling script) and per-rank set-up
 
 
+def launch_and_write(script: str, argv: list[str], args) -> int:
+    """:func:`launch_ranks` with ``args.nproc`` and ``args.timeout``, then rank 0's figures to ``args.json``; the
+    parent process's whole job in a distributed bench."""
+    rc, result = launch_ranks(script, argv, args.nproc, args.timeout)
+    if result is not None:
+        write_json(args.json, result)
+    return rc
+
+
 def launch_ranks(script: str, argv: list[str], nproc: int, timeout: float) -> tuple[int, dict | None]:
     """``torchrun --standalone --nproc_per_node nproc script *argv --worker --workdir DIR`` (``DS_ACCELERATOR=cpu``
     without CUDA, ``OMP_NUM_THREADS`` = cores / ranks unless set), bounded by ``timeout``. Returns the exit status

@@ -401,10 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.bf16 and not torch.cuda.is_available():
         print("note: --bf16 ignored on CPU (fp32)", flush=True)
-    rc, result = h.launch_ranks(__file__, argv, args.nproc, args.timeout)
-    if result is not None:
-        h.write_json(args.json, result)
-    return rc
+    return h.launch_and_write(__file__, argv, args)
 
 
 if __name__ == "__main__":

@@ -44,16 +44,22 @@ class AnswerTokens:
         return self._blank[token_id]
 
 
+def last_supervised_run(labels: list[int]) -> tuple[int, int]:
+    """``(start, end)`` of the last run of supervised labels (the final assistant turn); ``start == end`` if none."""
+    end = len(labels)
+    while end and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start, end
+
+
 def answer_span(ids: list[int], labels: list[int], tokens: AnswerTokens) -> tuple[int, int, int]:
     """``(start, end, turn_end)``: the final answer is ``ids[start:end]``; ``ids[end:turn_end]`` is what the template
     closes the turn with (supervised too, so the model learns to stop). ``start == end`` when the row has no answer
     token (an empty answer, or one cut away by truncation)."""
-    turn_end = len(labels)
-    while turn_end and labels[turn_end - 1] == IGNORE_INDEX:
-        turn_end -= 1
-    start = turn_end
-    while start and labels[start - 1] != IGNORE_INDEX:
-        start -= 1
+    start, turn_end = last_supervised_run(labels)
     end = turn_end
     while end > start and tokens.trailing(ids[end - 1]):
         end -= 1
@@ -87,13 +93,7 @@ def choice_rows(messages: list[dict], choices: list[str], encode) -> list[dict]:
     rows = []
     for choice in choices:
         row = encode([*messages[:last], {"role": "assistant", "content": choice}])
-        labels = row["labels"]
-        end = len(labels)
-        while end and labels[end - 1] == IGNORE_INDEX:
-            end -= 1
-        start = end
-        while start and labels[start - 1] != IGNORE_INDEX:
-            start -= 1
+        start, end = last_supervised_run(row["labels"])
         if start == end:
             raise DataError(f"candidate {choice!r} of eval_choices keeps no token within max_length; increase "
                             "max_length")

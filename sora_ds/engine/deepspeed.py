@@ -204,17 +204,3 @@ def _elements(params: Iterable[nn.Parameter]) -> tuple[int, int, int, int]:
         size = (p.ds_tensor if is_partitioned(p) else p).element_size()
         total, local, total_b, local_b = total + full, local + mine, total_b + full * size, local_b + mine * size
     return total, local, total_b, local_b
-
-
-def sharding_report(model: nn.Module, adapter: list[nn.Parameter]) -> dict[str, int]:
-    """How much of the adapter (elements) and of the frozen base (bytes, packed 4-bit included) this rank holds;
-    "on rank" equals the total when nothing is partitioned."""
-    ids = {id(p) for p in adapter}
-    a_total, a_local, _, _ = _elements(adapter)
-    _, _, b_total, b_local = _elements(p for p in model.parameters() if id(p) not in ids)
-    return {
-        "adapter_elements": a_total,
-        "adapter_elements_on_rank": a_local,
-        "base_bytes": b_total,
-        "base_bytes_on_rank": b_local,
-    }

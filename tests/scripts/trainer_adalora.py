@@ -19,7 +19,7 @@ from sora_ds.adapters.compact import adapter_tensors
 from sora_ds.recipe.hf_trainer import AdapterTrainer
 from sora_ds.data.tokenizer import build_byte_tokenizer
 from sora_ds.recipe.config import TINY_LLAMA
-from sora_ds.engine.deepspeed import sharding_report
+from sora_ds.engine import sharding_report
 
 
 def main(out: str, batch: int, deepspeed: str | None) -> None:
