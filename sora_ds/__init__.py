@@ -19,7 +19,7 @@ from .adapters.prox import soft_threshold
 from .adapters.schedule import LambdaSchedule, StageRecorder
 from .adapters.serving import EXPORT_FORMATS, compatibility, export_format, serving_cost
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "AdaLoRAConfig",
