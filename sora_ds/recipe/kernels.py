@@ -1,6 +1,7 @@
 """The GPU speed keys: which attention kernel, Liger's Triton kernels, fused AdamW, ``torch.compile``.
 
-Each is checked here with the config (a missing package or GPU is refused before anything is loaded, with the fix)
+Each value is checked with the config; a missing package or GPU is refused when a run starts, before anything is
+loaded, with the fix
 and applied where the run builds the model, the optimizer and the accelerator. Under ``flash_attention_2`` a packed
 batch is flattened into one row (see :func:`sora_ds.data.chat.collate`): transformers runs FlashAttention's
 variable-length kernel only for a single row with restarting ``position_ids``; for several rows it would attend
@@ -30,10 +31,18 @@ def _missing(key: str, value, package: str, install: str, instead: str) -> Confi
 
 
 def check_kernel_keys(cfg) -> None:
-    """The speed keys of a :class:`~sora_ds.recipe.config.TrainConfig`: allowed values, packages and a GPU."""
+    """The speed keys of a :class:`~sora_ds.recipe.config.TrainConfig`: allowed values (with the config, anywhere)."""
     if cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ConfigError("attn_implementation", f"={cfg.attn_implementation!r} is not allowed; choose one of "
                                                  f"{list(ATTN_IMPLEMENTATIONS)}")
+    if cfg.peak_flops_per_device is not None and not cfg.peak_flops_per_device > 0:
+        raise ConfigError("peak_flops_per_device", f"must be > 0 FLOP/s (e.g. 989e12 for an H100 SXM) or null, got "
+                                                   f"{cfg.peak_flops_per_device!r}")
+
+
+def check_kernel_environment(cfg) -> None:
+    """The packages and the GPU the speed keys need, at the start of a training run (before anything is loaded).
+    Not with the config: `sora-ds preview` and `sora-ds plan` of a GPU recipe run on a laptop too."""
     if cfg.attn_implementation == "flash_attention_2":
         error = _missing("attn_implementation", "flash_attention_2", "flash_attn",
                          "pip install flash-attn --no-build-isolation", "use sdpa (the default) instead")
@@ -44,9 +53,6 @@ def check_kernel_keys(cfg) -> None:
                          "set use_liger_kernel: false")
         if error:
             raise error
-    if cfg.peak_flops_per_device is not None and not cfg.peak_flops_per_device > 0:
-        raise ConfigError("peak_flops_per_device", f"must be > 0 FLOP/s (e.g. 989e12 for an H100 SXM) or null, got "
-                                                   f"{cfg.peak_flops_per_device!r}")
 
 
 def use_fused_adamw(cfg, device: torch.device) -> bool:

@@ -50,7 +50,7 @@ from .evaluate import evaluate
 from .fsdp2 import shard_model
 from .task_eval import Evaluator, as_record, build_task, trim_samples
 from .interrupt import StopRequest
-from .kernels import flatten_packed, use_fused_adamw
+from .kernels import check_kernel_environment, flatten_packed, use_fused_adamw
 from .manifest import CheckpointError
 from .model import base_model, build_accelerator, check_quantization, check_targets, dist_timeout, load_tokenizer
 from .outputs import OutputError, check_writable
@@ -268,6 +268,7 @@ def start(cfg: TrainConfig) -> Run:
     remove = run_dir.conflicting_files(out, resume, saved.get("checkpoints", []), cfg.overwrite_output_dir)
     check_writable(out)
     check_quantization(cfg, accelerator)
+    check_kernel_environment(cfg)
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, data_counts = build_datasets(cfg.dataset, tokenizer, cfg.max_length, cfg.eval_size, cfg.seed,
                                                     cfg.packing, cfg.truncation, cfg.dataset_split, cfg.eval_dataset)

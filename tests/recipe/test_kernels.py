@@ -16,8 +16,10 @@ from sora_ds.data.chat import IGNORE_INDEX, collate
 from sora_ds.data.packing import pack_examples
 from sora_ds.recipe import train as train_module
 from sora_ds.recipe.config import load_config
+from sora_ds.recipe.kernels import check_kernel_environment
 from sora_ds.recipe.train import train
-from tests.support import SORA_DEMO, assert_same_losses, build_llama, token_ids
+from sora_ds.recipe.cli import main as cli_main
+from tests.support import REPO, SORA_DEMO, assert_same_losses, build_llama, token_ids
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -39,18 +41,23 @@ def test_bad_speed_keys_are_refused(args, message):
 @pytest.mark.skipif(not NO_GPU, reason="the refusals of a machine without a GPU")
 @pytest.mark.parametrize("key, value, package", [("attn_implementation", "flash_attention_2", "flash_attn"),
                                                  ("use_liger_kernel", "true", "liger_kernel")])
-def test_gpu_kernels_are_refused_without_package_or_gpu(monkeypatch, key, value, package):
-    """Without the package: the install command; with it but no GPU: that a GPU is needed. Both say what to do."""
+def test_gpu_kernels_are_refused_without_package_or_gpu(monkeypatch, tmp_path, key, value, package):
+    """Without the package: the install command; with it but no GPU: that a GPU is needed. Both say what to do, when
+    a run starts and before it writes anything; the config itself loads (preview and plan of a GPU recipe work on a
+    laptop)."""
+    cfg = load_config([f"--{key}", value, "--output_dir", str(tmp_path / "out")], SORA_DEMO)
     installed = importlib.util.find_spec(package) is not None
     if not installed:
         with pytest.raises(ConfigError, match=rf"^{key}=.* needs the {package} package, which is not installed \(pip "
                                               r"install .*\); (use sdpa|set use_liger_kernel: false)"):
-            load_config([f"--{key}", value], SORA_DEMO)
+            train(cfg)
+        assert not (tmp_path / "out" / "config.yaml").exists()
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == package else real(name, *a))
     with pytest.raises(ConfigError, match=rf"^{key}=.* needs a CUDA GPU .* none is available; "):
-        load_config([f"--{key}", value], SORA_DEMO)
+        check_kernel_environment(cfg)
     assert load_config(["--attn_implementation", "eager"], SORA_DEMO).attn_implementation == "eager"
+    assert cli_main(["plan", "--config", str(REPO / "recipes/llama/8b_sora.yaml"), f"--{key}", value]) == 0
 
 
 @pytest.mark.unit
