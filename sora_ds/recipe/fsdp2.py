@@ -78,6 +78,11 @@ def save_shards(accelerator, model: torch.nn.Module, folder) -> None:
     torch.save(local_state(named, accelerator._optimizers[0]), folder / shard_file(accelerator))
 
 
+def fsdp_version(accelerator) -> int:
+    """2 when sora-ds shards this run with FSDP2, else 0 (recorded in checkpoints, compared on resume)."""
+    return 2 if getattr(accelerator, "fsdp2", None) else 0
+
+
 def load_shards(accelerator, model: torch.nn.Module, folder) -> None:
     """The inverse of :func:`save_shards`; a checkpoint of an FSDP2 run is refused without FSDP2 (accelerate's own
     state in it holds no adapter weights)."""

@@ -33,10 +33,12 @@ WHY = {
 }
 
 
-def identity(cfg: TrainConfig, data_fingerprint: str, num_processes: int, zero_stage: int) -> dict:
+def identity(cfg: TrainConfig, data_fingerprint: str, num_processes: int, zero_stage: int,
+             fsdp_version: int = 0) -> dict:
     """What a checkpoint records so a resume can be checked (JSON form, as it is read back)."""
     return json.loads(json.dumps({"config": cfg.to_dict(), "data_fingerprint": data_fingerprint,
-                                  "num_processes": num_processes, "zero_stage": zero_stage}))
+                                  "num_processes": num_processes, "zero_stage": zero_stage,
+                                  "fsdp_version": fsdp_version}))
 
 
 def check_resume(saved: dict, current: dict, allow: list[str], where: str) -> None:
@@ -62,11 +64,15 @@ def check_resume(saved: dict, current: dict, allow: list[str], where: str) -> No
         raise CheckpointError(f"resume_from: the data of {new.get('dataset') or 'the built-in set'} differs from the "
                               f"data {where} was trained on (its files' contents changed); resume on the same data, "
                               "or start a new run")
-    for key, what in (("num_processes", "processes"), ("zero_stage", "ZeRO stage")):
-        if saved[key] != current[key]:
-            raise CheckpointError(f"resume_from: {where} was saved with {saved[key]} {what}, this run has "
-                                  f"{current[key]}; the sharded optimizer state loads only into the same layout "
-                                  "(launch with the same process count and DeepSpeed config)")
+    # (checkpoints of 0.3 record no fsdp_version: none of them was FSDP2)
+    for key, what in (("num_processes", "{} processes"), ("zero_stage", "ZeRO stage {}"),
+                      ("fsdp_version", "FSDP version {}")):
+        if saved.get(key, 0) != current[key]:
+            raise CheckpointError(f"resume_from: {where} was saved with {what.format(saved.get(key, 0))}, this run "
+                                  f"has {what.format(current[key])}; the sharded optimizer state loads only into the "
+                                  "same layout "
+                                  "(launch with the same process count and accelerate config: DeepSpeed, FSDP2 or "
+                                  "none)")
 
 
 def _follows_max_steps(old: dict, new: dict) -> set[str]:

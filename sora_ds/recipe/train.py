@@ -47,7 +47,7 @@ from . import run_dir
 from .checkpoint import keep_trainable_only, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config, save_config, steps_for_epochs
 from .evaluate import evaluate
-from .fsdp2 import shard_model
+from .fsdp2 import fsdp_version, shard_model
 from .task_eval import Evaluator, as_record, build_task, trim_samples
 from .interrupt import StopRequest
 from .kernels import check_kernel_environment, flatten_packed, use_fused_adamw
@@ -258,12 +258,14 @@ def start(cfg: TrainConfig) -> Run:
     # Every check before the first byte of output: the checkpoint to resume and its settings, the output folder,
     # the data and the targets. A bad combination or malformed data fails before any model is loaded.
     fingerprint = dataset_fingerprint(cfg.dataset, cfg.dataset_split)
+    layout = {"num_processes": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
+              "fsdp_version": fsdp_version(accelerator)}  # what the sharded state of a checkpoint needs again
     resume, saved = None, {}
     if cfg.resume_from:
         resume = resolve_checkpoint(cfg.resume_from, out)
         saved = read_state(resume)  # verifies the manifest: nothing of a modified checkpoint is unpickled
         if cfg.num_train_epochs is None:  # else the run length, a compared setting, is known after the data
-            check_resume(saved, identity(cfg, fingerprint, accelerator.num_processes, zero_stage(accelerator)),
+            check_resume(saved, identity(cfg, fingerprint, **layout),
                          cfg.resume_allow_changes, f"checkpoint {resume}")
     remove = run_dir.conflicting_files(out, resume, saved.get("checkpoints", []), cfg.overwrite_output_dir)
     check_writable(out)
@@ -276,7 +278,7 @@ def start(cfg: TrainConfig) -> Run:
     if cfg.num_train_epochs is not None:
         cfg = cfg.with_max_steps(steps_for_epochs(cfg, len(train_ds), accelerator.num_processes))
         accelerator.print(f"num_train_epochs={cfg.num_train_epochs:g}: {cfg.max_steps} optimizer steps")
-    ident = identity(cfg, fingerprint, accelerator.num_processes, zero_stage(accelerator))
+    ident = identity(cfg, fingerprint, **layout)
     if resume is not None and cfg.num_train_epochs is not None:
         check_resume(saved, ident, cfg.resume_allow_changes, f"checkpoint {resume}")
     check_targets(cfg, tokenizer, accelerator)
@@ -539,7 +541,7 @@ def finish(run: Run, stopped: str | None = None) -> dict:
         "data": run.data_counts,
         "num_processes": accelerator.num_processes,
         "zero_stage": zero_stage(accelerator),
-        "fsdp_version": 2 if accelerator.fsdp2 else 0,
+        "fsdp_version": fsdp_version(accelerator),
         **sharding_report(plain, adapter_tensors([m for _, m in adapter_layers(plain)])),
         "train_time_s": train_time,
         "throughput": run.meter.summary(),  # run averages of the metrics records' tokens/s and mfu

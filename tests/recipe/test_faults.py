@@ -17,6 +17,7 @@ from sora_ds.adapters.inject import TargetError
 from sora_ds.data.chat import DataError
 from sora_ds.recipe.checkpoint import rotate
 from sora_ds.recipe.config import load_config
+from sora_ds.recipe.resume import check_resume, identity
 from sora_ds.recipe.manifest import CheckpointError, verify_manifest
 from sora_ds.recipe.outputs import OutputError
 from sora_ds.recipe.train import TrainingStopped, train
@@ -121,6 +122,21 @@ def test_resume_with_another_method_is_refused_before_any_model_is_loaded(finish
                        str(finished), "--resume_from", "latest"], ADALORA_DEMO)
     with pytest.raises(CheckpointError, match=r"^resume_from: method was 'sora' .* is 'adalora' now"):
         train(cfg)
+
+
+def test_resume_across_engines_is_refused_and_a_0_3_checkpoint_counts_as_no_fsdp():
+    """The sharded state loads only into the layout that wrote it: an FSDP2 checkpoint is refused without FSDP2 (and
+    the reverse) at the resume check, before the model is loaded; checkpoints of 0.3 record no fsdp_version."""
+    cfg = load_config([], SORA_DEMO)
+    plain = identity(cfg, "f", 2, 0, fsdp_version=0)
+    fsdp2 = identity(cfg, "f", 2, 0, fsdp_version=2)
+    with pytest.raises(CheckpointError,
+                       match=r"was saved with FSDP version 2, this run has FSDP version 0; .*FSDP2 or none"):
+        check_resume(fsdp2, plain, [], "checkpoint c")
+    with pytest.raises(CheckpointError, match=r"was saved with FSDP version 0, this run has FSDP version 2"):
+        check_resume(plain, fsdp2, [], "checkpoint c")
+    of_0_3 = {k: v for k, v in plain.items() if k != "fsdp_version"}
+    check_resume(of_0_3, plain, [], "checkpoint c")
 
 
 def test_resume_on_changed_data_is_refused(tmp_path):
