@@ -53,6 +53,7 @@ DEFAULTS = {
     "n_validation": 500,
     "n_train": 4000,
     "max_text_chars": 200,
+    "system_prompt": "Answer with one word.",  # replaces SmolLM2's ~20-token default system prompt; "" keeps it
     "max_length": 96,
     "batch_size": 8,
     "steps": 200,
@@ -140,7 +141,8 @@ def rotten_tomatoes(cfg: dict, folder: Path) -> dict:
         files[name] = str(folder / f"rotten_tomatoes_{name}.jsonl")
         with open(files[name], "w") as f:
             for text, label in part:
-                f.write(json.dumps({"messages": [{"role": "user", "content": PROMPT.format(text=text)},
+                system = [{"role": "system", "content": cfg["system_prompt"]}] if cfg["system_prompt"] else []
+                f.write(json.dumps({"messages": [*system, {"role": "user", "content": PROMPT.format(text=text)},
                                                  {"role": "assistant", "content": label}]}) + "\n")
     test_pos = sum(lab == "positive" for _, lab in splits["test"]) / n_te
     return {**files, "eval": {"eval_choices": CHOICES}, "test_majority": max(test_pos, 1 - test_pos),
@@ -336,11 +338,38 @@ def statistics(cfg: dict, runs: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------------ grid
+def check_configs(cfg: dict) -> int:
+    """Every recipe config of the grid (each arm at each of its lrs and seeds) through the recipe's own validation,
+    before hours of work; returns how many. Data files are not read here (the recipe checks them per run)."""
+    import tempfile
+
+    from sora_ds.recipe.config import ConfigError, load_config
+
+    tmp = tempfile.TemporaryDirectory()
+    placeholder = str(Path(tmp.name) / "rows.jsonl")
+    Path(placeholder).write_text(json.dumps({"prompt": "a", "response": "positive"}) + "\n")
+    task = {"train": placeholder, "eval": {"eval_choices": CHOICES}}
+    n = 0
+    for arm in cfg["arms"]:
+        for lr in cfg["lrs"][arm["method"]]:
+            for seed in cfg["seeds"]:
+                argv = recipe_argv(cfg, {**arm, "method": "sora"} if arm["method"] == "lora" else arm, task, None, lr,
+                                   seed, placeholder, Path(tmp.name) / "run", True)
+                try:
+                    load_config(argv)
+                except (ConfigError, ValueError) as e:
+                    raise SystemExit(f"arm {arm['name']!r} (lr {lr:g}, seed {seed}): {e}") from None
+                n += 1
+    tmp.cleanup()
+    return n
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="grid YAML (keys as in DEFAULTS)")
     p.add_argument("--tiny", action="store_true", help="smoke configuration: tiny Llama, every arm type, ~1 min")
     p.add_argument("--out", required=True, help="folder for quality_grid.json / .md / .png and the data files")
+    p.add_argument("--check", action="store_true", help="validate every recipe config of the grid, then exit")
     p.add_argument("--render", help="rewrite the markdown and plot of this quality_grid.json, without running")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -349,6 +378,10 @@ def main(argv: list[str] | None = None) -> dict:
         write_outputs(res, out)
         return res
     cfg = read_config(a.config, a.tiny)
+    n_configs = check_configs(cfg)
+    if a.check:
+        print(f"{n_configs} recipe configs valid", flush=True)
+        return {"configs": n_configs}
     import torch
 
     torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", "2")))
