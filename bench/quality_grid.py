@@ -23,10 +23,11 @@ Protocol (per task):
 
 Run::
 
-    python bench/quality_grid.py --config bench/quality/grid.yaml --out bench/results/quality_grid
+    python bench/quality_grid.py --config bench/quality/grid.yaml --out bench/results
     python bench/quality_grid.py --tiny --out /tmp/qg   # every arm type, lr tuning, seeds, statistics; ~1 min, CPU
 
-Outputs in ``--out``: ``quality_grid.json`` (config, every run with its per-seed figures, the statistics),
+Outputs in ``--out`` (runs and data files go to ``--out``/runs, removed at the end): ``quality_grid.json`` (config,
+every run with its per-seed figures, the statistics),
 ``quality_grid.md`` (protocol and table), ``quality_grid.png`` (accuracy vs retained params, error bars = std over
 seeds). ``--render OUT/quality_grid.json`` rewrites the markdown and plot from the JSON.
 """
@@ -398,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
            "config": cfg, "tasks": {}, "partial": True}
     for task_name in cfg["tasks"]:
-        task = task_files(cfg, task_name, out)
+        work.mkdir(parents=True, exist_ok=True)
+        task = task_files(cfg, task_name, work)  # removed with runs/ at the end: the fixed split rewrites them
         tr = {"files": {k: task[k] for k in ("train", "validation", "test")}, "metric": task["metric"],
               "test_majority": task["test_majority"], "tuning": [], "lr": {}, "runs": [], "stats": []}
         res["tasks"][task_name] = tr
