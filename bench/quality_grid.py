@@ -463,6 +463,26 @@ def render_md(res: dict) -> str:
                      f"{100 * row['acc_mean']:.1f} ± {100 * row['acc_std']:.1f}% | "
                      f"{', '.join(f'{100 * a:.1f}' for a in row['accuracy'])} | {vs_txt} |")
         L.append("")
+        staged = [r for r in tr["runs"] if r["stages"]]
+        if staged:
+            L += ["Sparsifying scheduler, per stage end (the recipe's `summary.json` stages: scores are token "
+                  "accuracies on a train subset (memorization) and on the test file (generalization); ratios over "
+                  "the best stage):", "",
+                  "| arm | seed | stage | step | lambda | nonzero params | memorization | generalization | mem. ratio | gen. ratio |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for r in staged:
+                for st in r["stages"]:
+                    L.append(f"| {r['arm']} | {r['seed']} | {st['stage']} | {st['step']} | {st['sparse_lambda']:.3g} | "
+                             f"{st['nonzero_params']:,} | {st['memorization_score']:.3f} | "
+                             f"{st['generalization_score']:.3f} | {st['memorization_ratio']:.3f} | "
+                             f"{st['generalization_ratio']:.3f} |")
+            L.append("")
+        curves = [r for r in tr["tuning"] if r["curve"]]
+        if curves:
+            L += ["Validation curves of the lr tuning (step: accuracy):", ""]
+            L += [f"- {r['arm']} lr {r['lr']:g} seed {r['seed']}: " +
+                  ", ".join(f"{s}: {100 * a:.1f}%" for s, a in r["curve"]) for r in curves]
+            L.append("")
     return "\n".join(L)
 
 

@@ -57,7 +57,8 @@ def test_tiny_grid_runs_every_arm_and_its_statistics_come_from_the_seeds(tmp_pat
     assert res["partial"] is False
     cfg, tr = res["config"], res["tasks"]["rotten_tomatoes"]
     assert (tmp_path / "quality_grid.png").stat().st_size > 0
-    assert "| SoRA r=4 scheduler |" in (tmp_path / "quality_grid.md").read_text()
+    md = (tmp_path / "quality_grid.md").read_text()
+    assert "| SoRA r=4 scheduler |" in md and "Sparsifying scheduler, per stage end" in md
 
     # lr tuning: on the validation file, the method's first arm, the best mean validation accuracy wins
     assert {r["split"] for r in tr["tuning"]} == {"validation"}
