@@ -1,0 +1,105 @@
+"""bench/quality_grid.py --tiny: every arm type (PEFT LoRA, SoRA at a keep_fraction and at a lambda, the sparsifying
+scheduler, sora-ds AdaLoRA) through lr tuning on the validation file, seeds and the statistics, end to end; the
+statistics are recomputed here from the per-seed runs. The shipped grid configs pass the recipe's validation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import REPO
+
+pytestmark = pytest.mark.recipe
+
+SCRIPT = REPO / "bench" / "quality_grid.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("quality_grid", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_t_interval_matches_student_t():
+    m, lo, hi = _module().t_interval([0.01, 0.03, 0.05])  # mean 0.03, sd 0.02, t(0.975, 2 df) = 4.303
+    half = 4.303 * 0.02 / math.sqrt(3)
+    assert (m, lo, hi) == pytest.approx((0.03, 0.03 - half, 0.03 + half))
+
+
+@pytest.mark.parametrize("name", ["grid", "grid_gpu"])
+def test_shipped_grid_configs_are_valid_recipe_configs(name, tmp_path):
+    mod = _module()
+    arms = len(mod.read_config(str(REPO / "bench" / "quality" / f"{name}.yaml"), False)["arms"])
+    out = mod.main(["--config", str(REPO / "bench" / "quality" / f"{name}.yaml"), "--out", str(tmp_path), "--check"])
+    assert out["configs"] >= arms * 3  # every arm x lr x seed went through load_config
+
+
+def test_bad_arm_is_named_before_any_run(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny\nsteps: 30\nseeds: [0]\nlrs: {adalora: [1.0e-3]}\narms:\n"
+                   "  - {name: AdaLoRA bad, method: adalora, r: 8, target_r: 4, t_init: 20, t_final: 20, delta_t: 3}\n")
+    with pytest.raises(SystemExit, match="arm 'AdaLoRA bad'.*t_init=20"):
+        _module().main(["--config", str(bad), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiny_grid_runs_every_arm_and_its_statistics_come_from_the_seeds(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "quality_grid.json").read_text())
+    assert res["partial"] is False
+    cfg, tr = res["config"], res["tasks"]["rotten_tomatoes"]
+    assert (tmp_path / "quality_grid.png").stat().st_size > 0
+    md = (tmp_path / "quality_grid.md").read_text()
+    assert "| SoRA r=4 scheduler |" in md and "Sparsifying scheduler, per stage end" in md
+
+    # lr tuning: on the validation file, the method's first arm, the best mean validation accuracy wins
+    assert {r["split"] for r in tr["tuning"]} == {"validation"}
+    for method, lrs in cfg["lrs"].items():
+        first = next(a["name"] for a in cfg["arms"] if a["method"] == method)
+        recs = [r for r in tr["tuning"] if r["method"] == method]
+        assert {r["arm"] for r in recs} == {first} and sorted({r["lr"] for r in recs}) == sorted(lrs)
+        score = {lr: sum(r["accuracy"] for r in recs if r["lr"] == lr) / len(cfg["tune_seeds"]) for lr in lrs}
+        assert score[tr["lr"][method]] == max(score.values())
+        assert all(r["curve"] and r["curve"][0][0] == cfg["curve_every"] for r in recs)  # the validation curve
+
+    runs = {(r["arm"], r["seed"]): r for r in tr["runs"]}
+    assert len(runs) == len(cfg["arms"]) * len(cfg["seeds"])
+    stats = {s["arm"]: s for s in tr["stats"]}
+    lora = {a["name"]: a for a in cfg["arms"] if a["method"] == "lora"}
+    for arm in cfg["arms"]:
+        per_seed = [runs[arm["name"], s] for s in cfg["seeds"]]
+        assert all(r["lr"] == tr["lr"][arm["method"]] for r in per_seed)
+        st = stats[arm["name"]]
+        acc = [r["accuracy"] for r in per_seed]
+        par = [r["params"] for r in per_seed]
+        assert st["accuracy"] == acc and st["params"] == par
+        for xs, m_key, s_key in ((acc, "acc_mean", "acc_std"), (par, "params_mean", "params_std")):
+            m = sum(xs) / len(xs)
+            assert st[m_key] == pytest.approx(m)
+            assert st[s_key] == pytest.approx(math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)))
+        if arm["method"] == "lora":
+            assert "vs_lora" not in st
+            continue
+        ref = min(lora, key=lambda n: abs(math.log(stats[n]["params_mean"]) - math.log(st["params_mean"])))
+        vs = st["vs_lora"]
+        assert vs["ref"] == ref
+        diffs = [runs[arm["name"], s]["accuracy"] - runs[ref, s]["accuracy"] for s in cfg["seeds"]]
+        assert vs["diffs"] == pytest.approx(diffs)
+        m = sum(diffs) / len(diffs)
+        half = 12.706 * math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1)) / math.sqrt(len(diffs))
+        assert (vs["mean"], *vs["ci95"]) == pytest.approx((m, m - half, m + half))
+
+    # the arms did what their kind says: LoRA keeps r * (in + out); SoRA / AdaLoRA retain less than they start with
+    for s in cfg["seeds"]:
+        assert runs["LoRA r=4", s]["params"] == 2 * runs["LoRA r=2", s]["params"]
+        assert runs["SoRA r=4 keep 0.5", s]["params"] < runs["SoRA r=4 keep 0.5", s]["params_start"]
+        assert runs["AdaLoRA 4->2", s]["params"] < runs["AdaLoRA 4->2", s]["params_start"]
+        assert len(runs["SoRA r=4 scheduler", s]["stages"]) == 2
