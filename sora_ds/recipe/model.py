@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..adapters.inject import select_targets
-from ..engine import check_deepspeed_version, without_zero_init, zero_stage
+from ..engine import check_deepspeed_version, launch_deepspeed_config, without_zero_init, zero_stage
 from ..engine.heartbeat import default_collective_timeout
 from ..engine.atomic import atomic_dir
 from .config import ConfigError, TrainConfig, chat_template_text
@@ -39,7 +38,7 @@ def build_accelerator(cfg: TrainConfig):
     ds_plugin = None
     if cfg.deepspeed_config and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true":
         # Started by `deepspeed` or torchrun rather than `accelerate launch`: build the plugin from the JSON.
-        stage = json.loads(Path(cfg.deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0)
+        stage = launch_deepspeed_config(cfg.deepspeed_config).get("zero_optimization", {}).get("stage", 0)
         ds_plugin = DeepSpeedPlugin(hf_ds_config=cfg.deepspeed_config, zero3_init_flag=stage == 3)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
