@@ -48,7 +48,6 @@ from .checkpoint import keep_trainable_only, load_checkpoint, read_state, resolv
 from .config import TrainConfig, load_config, save_config, steps_for_epochs
 from .evaluate import evaluate
 from .fsdp2 import fsdp_version, shard_model
-from .task_eval import Evaluator, as_record, build_task, trim_samples
 from .interrupt import StopRequest
 from .kernels import check_kernel_environment, flatten_packed, use_fused_adamw
 from .manifest import CheckpointError
@@ -57,6 +56,7 @@ from .outputs import OutputError, check_writable
 from .precision import consistent_precision
 from .resume import check_resume, identity
 from .summary import adapter_params, plot_rank_heatmap, rank_table, retained_fraction, serving_lines
+from .task_eval import Evaluator, as_record, build_task, trim_samples
 from .throughput import Throughput
 from .usage import recipe_usage
 
