@@ -48,7 +48,7 @@ from pathlib import Path
 DEFAULTS = {
     "model": "smollm2",  # smollm2 (offline, `sora-ds import-gguf smollm2`) or tiny (the recipe's built-in tiny Llama)
     "cache_dir": "~/.cache/sora_ds_bench/smollm2-135m-instruct",
-    "tasks": ["rotten_tomatoes"],
+    "tasks": ["rotten_tomatoes"],  # built in: rotten_tomatoes (choice accuracy), arithmetic (exact match)
     "files_tasks": {},  # hook for more tasks: {name: {train, validation, test, eval_max_new_tokens}} chat JSONL files
     "n_test": 1000,
     "n_validation": 500,
@@ -74,26 +74,31 @@ TINY = {
     "model": "tiny", "n_test": 12, "n_validation": 8, "n_train": 48, "max_text_chars": 40, "max_length": 48,
     "batch_size": 4, "steps": 6, "warmup_steps": 1, "seeds": [0, 1], "tune_seeds": [0], "curve_every": 3,
     "lrs": {"lora": [3.0e-2, 1.0e-1], "sora": [1.0e-1], "adalora": [1.0e-1]},
+    "tasks": ["rotten_tomatoes", "arithmetic"],
     "arms": [
         {"name": "LoRA r=2", "method": "lora", "r": 2},
-        {"name": "LoRA r=4", "method": "lora", "r": 4},
+        {"name": "LoRA r=4", "method": "lora", "r": 4, "tasks": ["rotten_tomatoes"]},
         {"name": "SoRA r=4 keep 0.5", "method": "sora", "r": 4, "keep_fraction": 0.5, "sparse_lambda": 1.0,
          "lambda_schedule": "linear"},
-        {"name": "SoRA r=4 lambda 1", "method": "sora", "r": 4, "sparse_lambda": 1.0},
+        {"name": "SoRA r=4 lambda 1", "method": "sora", "r": 4, "sparse_lambda": 1.0, "tasks": ["rotten_tomatoes"]},
         {"name": "SoRA r=4 scheduler", "method": "sora", "r": 4, "sparse_lambda": 2.0, "lambda_schedule": "linear",
-         "lambda_start": 0.0, "sparsify_stages": 2},
+         "lambda_start": 0.0, "sparsify_stages": 2, "tasks": ["rotten_tomatoes"]},
         {"name": "AdaLoRA 4->2", "method": "adalora", "r": 4, "target_r": 2, "t_init": 1, "t_final": 1,
-         "delta_t": 1},
+         "delta_t": 1, "tasks": ["rotten_tomatoes"]},
     ],
 }
 
 # Recipe keys an arm may set (besides method and r); anything else in an arm is an error.
 ARM_KEYS = {"name", "method", "r", "sparse_lambda", "keep_fraction", "lambda_schedule", "lambda_start",
-            "lambda_ramp_steps", "sparsify_stages", "target_r", "t_init", "t_final", "delta_t", "orth_reg_weight"}
+            "lambda_ramp_steps", "sparsify_stages", "target_r", "t_init", "t_final", "delta_t", "orth_reg_weight",
+            "tasks"}  # tasks: the tasks an arm runs on (default every task of the config)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 PROMPT = "Review: {text}\nIs this review positive or negative?"
 CHOICES = ["positive", "negative"]
+ARITH_PROMPT = "What is {a} + {b}?"
+ARITH_SYSTEM = "Answer with the number only."
+ARITH_NEW_TOKENS = 6  # a sum below 200 is at most 3 digit tokens, then the end-of-turn marker
 
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -113,6 +118,8 @@ def read_config(path: str | None, tiny: bool) -> dict:
         bad = sorted(set(arm) - ARM_KEYS)
         if bad or arm.get("method") not in ("lora", "sora", "adalora") or "r" not in arm or "name" not in arm:
             raise SystemExit(f"arm {arm}: needs name, method (lora, sora, adalora) and r; unknown keys {bad}")
+        if not set(arm.get("tasks", cfg["tasks"])) <= set(cfg["tasks"]):
+            raise SystemExit(f"arm {arm['name']}: tasks {arm['tasks']} not all in the config's tasks {cfg['tasks']}")
         if arm["method"] not in cfg["lrs"]:
             raise SystemExit(f"arm {arm['name']}: no learning rates for method {arm['method']} in lrs")
     if not cfg["arms"]:
@@ -149,22 +156,44 @@ def rotten_tomatoes(cfg: dict, folder: Path) -> dict:
     if n_te + n_va + n_tr > len(rows):
         raise SystemExit(f"n_test + n_validation + n_train = {n_te + n_va + n_tr} > {len(rows)} snippets")
     splits = {"test": rows[:n_te], "validation": rows[n_te:n_te + n_va], "train": rows[n_te + n_va:n_te + n_va + n_tr]}
-    files = {}
-    for name, part in splits.items():
-        files[name] = str(folder / f"rotten_tomatoes_{name}.jsonl")
-        with open(files[name], "w") as f:
-            for text, label in part:
-                system = [{"role": "system", "content": cfg["system_prompt"]}] if cfg["system_prompt"] else []
-                f.write(json.dumps({"messages": [*system, {"role": "user", "content": PROMPT.format(text=text)},
-                                                 {"role": "assistant", "content": label}]}) + "\n")
+    files = {name: write_chat(folder / f"rotten_tomatoes_{name}.jsonl", cfg["system_prompt"],
+                              [(PROMPT.format(text=text), label) for text, label in part])
+             for name, part in splits.items()}
     test_pos = sum(lab == "positive" for _, lab in splits["test"]) / n_te
     return {**files, "eval": {"eval_choices": CHOICES}, "test_majority": max(test_pos, 1 - test_pos),
             "metric": "choice_accuracy"}
 
 
+def write_chat(path: Path, system: str, pairs: list[tuple[str, str]]) -> str:
+    with open(path, "w") as f:
+        for question, answer in pairs:
+            head = [{"role": "system", "content": system}] if system else []
+            f.write(json.dumps({"messages": [*head, {"role": "user", "content": question},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+    return str(path)
+
+
+def arithmetic(cfg: dict, folder: Path) -> dict:
+    """A generative task: "What is a + b?" for two-digit a, b, answered by greedy generation and scored by exact match
+    of the sum (the recipe's eval_max_new_tokens). Generated from a fixed seed, so it is offline by construction;
+    every (a, b) pair appears in one split only."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    random.Random(4321).shuffle(pairs)
+    n_te, n_va, n_tr = cfg["n_test"], cfg["n_validation"], cfg["n_train"]
+    if n_te + n_va + n_tr > len(pairs):
+        raise SystemExit(f"n_test + n_validation + n_train = {n_te + n_va + n_tr} > {len(pairs)} addition pairs")
+    cuts = {"test": pairs[:n_te], "validation": pairs[n_te:n_te + n_va], "train": pairs[n_te + n_va:n_te + n_va + n_tr]}
+    files = {name: write_chat(folder / f"arithmetic_{name}.jsonl", ARITH_SYSTEM,
+                              [(ARITH_PROMPT.format(a=a, b=b), str(a + b)) for a, b in part])
+             for name, part in cuts.items()}
+    return {**files, "eval": {"eval_max_new_tokens": ARITH_NEW_TOKENS}, "test_majority": None, "metric": "exact_match"}
+
+
 def task_files(cfg: dict, name: str, folder: Path) -> dict:
     if name == "rotten_tomatoes":
         return rotten_tomatoes(cfg, folder)
+    if name == "arithmetic":
+        return arithmetic(cfg, folder)
     spec = cfg["files_tasks"].get(name)
     if spec is None:
         raise SystemExit(f"task {name!r}: not rotten_tomatoes and not in files_tasks")
@@ -194,7 +223,7 @@ def recipe_argv(cfg: dict, arm: dict, task: dict, model_dir: str | None, lr: flo
         values["model_name_or_path"] = model_dir
     if arm["method"] == "sora":
         values["threshold_mode"] = cfg["threshold_mode"]
-    values.update({k: v for k, v in arm.items() if k not in ("name", "method", "r")})
+    values.update({k: v for k, v in arm.items() if k not in ("name", "method", "r", "tasks")})
     argv = []
     for k, v in values.items():
         argv += [f"--{k}", json.dumps(v)]  # JSON is YAML: the recipe reads command-line values as YAML
@@ -229,9 +258,10 @@ def run_recipe(cfg, arm, task, model_dir, lr, seed, eval_file, out, curve) -> di
             "train_s": summary["train_time_s"], "wall_s": time.perf_counter() - t0, "steps": summary["steps"]}
 
 
-def train_peft_lora(cfg, arm, task, model_dir, lr, seed, eval_file, out, curve) -> dict:
+def train_peft_lora(cfg, arm, task, model_dir, lr, seed, eval_file, out, curve, steps=None) -> dict:
     """PEFT LoRA on the recipe's pieces: same data, order, optimizer, schedule, loss and clipping as ``train``;
-    scored by ``evaluate_adapter`` (sora-ds eval) on the exported adapter."""
+    scored by ``evaluate_adapter`` (sora-ds eval) on the exported adapter. ``steps=0`` scores the untrained adapter,
+    whose B is zero: the base model itself (zero-shot)."""
     import math as _m
 
     import torch
@@ -281,7 +311,7 @@ def train_peft_lora(cfg, arm, task, model_dir, lr, seed, eval_file, out, curve) 
 
     curve_pts, train_s = [], 0.0
     model.train()
-    for step in range(rc.max_steps):
+    for step in range(rc.max_steps if steps is None else steps):
         ts = time.perf_counter()
         batch = next(batches)
         loss = model(**batch, num_items_in_batch=supervised_tokens(batch)).loss
@@ -299,6 +329,21 @@ def train_peft_lora(cfg, arm, task, model_dir, lr, seed, eval_file, out, curve) 
     n = sum(p.numel() for p in trainable)
     return {"accuracy": acc, "params": n, "params_start": n, "kept_fraction": 1.0, "stages": [], "curve": curve_pts,
             "train_s": train_s, "wall_s": time.perf_counter() - t0, "steps": rc.max_steps}
+
+
+def zero_shot(cfg, task, model_dir, out) -> dict:
+    """The base model's accuracy on the validation and test files (no training), the floor a fine-tune must beat."""
+    arm = {"name": "zero-shot", "method": "lora", "r": 1}
+    res = {}
+    for split in ("validation", "test"):
+        res[split] = train_peft_lora(cfg, arm, task, model_dir, 1e-4, 0, task[split], out, False, steps=0)["accuracy"]
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"  zero-shot: {res}", flush=True)
+    return res
+
+
+def task_arms(cfg: dict, task_name: str) -> list[dict]:
+    return [arm for arm in cfg["arms"] if task_name in arm.get("tasks", cfg["tasks"])]
 
 
 def one_run(cfg, arm, task, model_dir, lr, seed, eval_file, out, curve) -> dict:
@@ -333,6 +378,8 @@ def statistics(cfg: dict, runs: list[dict]) -> list[dict]:
     rows = []
     for arm in cfg["arms"]:
         rs = by_arm[arm["name"]]
+        if not rs:  # a partial grid (killed, or still running): arms not reached yet have no row
+            continue
         acc_m, acc_s = mean_std([r["accuracy"] for r in rs])
         par_m, par_s = mean_std([r["params"] for r in rs])
         rows.append({"arm": arm["name"], "method": arm["method"], "lr": rs[0]["lr"], "seeds": [r["seed"] for r in rs],
@@ -383,14 +430,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="smoke configuration: tiny Llama, every arm type, ~1 min")
     p.add_argument("--out", required=True, help="folder for quality_grid.json / .md / .png and the data files")
     p.add_argument("--check", action="store_true", help="validate every recipe config of the grid, then exit")
-    p.add_argument("--render", help="rewrite the markdown and plot of this quality_grid.json, without running")
+    p.add_argument("--task", action="append", help="run only this task of the config (repeatable); --merge joins "
+                   "grids run task by task")
+    p.add_argument("--zero-shot-only", action="store_true", help="only the base model's accuracy of each task")
+    p.add_argument("--render", nargs="+", metavar="JSON", help="rewrite the markdown and plot from quality_grid.json "
+                   "files without running; several are merged task by task (a later file's keys win)")
     a = p.parse_args(argv)
     out = Path(a.out)
     if a.render:
-        res = json.loads(Path(a.render).read_text())
+        res = merge([json.loads(Path(f).read_text()) for f in a.render])
         write_outputs(res, out)
         return res
     cfg = read_config(a.config, a.tiny)
+    if a.task:
+        unknown = sorted(set(a.task) - set(cfg["tasks"]))
+        if unknown:
+            raise SystemExit(f"--task {unknown}: not in the config's tasks {cfg['tasks']}")
+        cfg["tasks"] = [t for t in cfg["tasks"] if t in a.task]
     n_configs = check_configs(cfg)
     if a.check:
         print(f"{n_configs} recipe configs valid", flush=True)
@@ -416,8 +472,13 @@ def main(argv: list[str] | None = None) -> dict:
         tr = {"files": {k: task[k] for k in ("train", "validation", "test")}, "metric": task["metric"],
               "test_majority": task["test_majority"], "tuning": [], "lr": {}, "runs": [], "stats": []}
         res["tasks"][task_name] = tr
-        for method in dict.fromkeys(arm["method"] for arm in cfg["arms"]):
-            tune_arm = next(arm for arm in cfg["arms"] if arm["method"] == method)
+        print(f"{task_name}:", flush=True)
+        tr["zero_shot"] = zero_shot(cfg, task, model_dir, work / "run")
+        if a.zero_shot_only:
+            continue
+        arms = task_arms(cfg, task_name)
+        for method in dict.fromkeys(arm["method"] for arm in arms):
+            tune_arm = next(arm for arm in arms if arm["method"] == method)
             scores = {}
             for lr in cfg["lrs"][method]:
                 recs = [one_run(cfg, tune_arm, task, model_dir, lr, s, task["validation"], work / "run", True)
@@ -426,12 +487,13 @@ def main(argv: list[str] | None = None) -> dict:
                 scores[lr] = sum(r["accuracy"] for r in recs) / len(recs)
             tr["lr"][method] = max(scores, key=lambda lr: (scores[lr], -lr))  # ties: the smaller lr
             print(f"{task_name}: {method} lr {tr['lr'][method]:g} (validation {scores})", flush=True)
-        for arm in cfg["arms"]:
+        for arm in arms:
             for seed in cfg["seeds"]:
                 tr["runs"].append(one_run(cfg, arm, task, model_dir, tr["lr"][arm["method"]], seed, task["test"],
                                           work / "run", False))
                 res["wall_s"] = time.time() - t_all
-                (out / "quality_grid.json").write_text(json.dumps(res, indent=2))  # partial results survive a kill
+                tr["stats"] = statistics(cfg, tr["runs"])
+                write_outputs(res, out)  # partial results (marked PARTIAL) survive a kill and can be read meanwhile
         tr["stats"] = statistics(cfg, tr["runs"])
     shutil.rmtree(work, ignore_errors=True)
     res["partial"] = False
@@ -442,6 +504,21 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------- outputs
+def merge(results: list[dict]) -> dict:
+    """Grids run task by task (``--task``) as one result: tasks joined, a later file's keys winning (so a
+    ``--zero-shot-only`` run adds its zero_shot to a grid run without one); partial if any part is."""
+    if len(results) == 1:
+        return results[0]
+    res = {"command": " ; ".join(r["command"] for r in results), "config": results[0]["config"], "tasks": {},
+           "partial": any(r.get("partial") for r in results), "wall_s": sum(r.get("wall_s", 0) for r in results)}
+    for r in results:
+        for name, tr in r["tasks"].items():
+            res["tasks"][name] = {**res["tasks"].get(name, {}), **{k: v for k, v in tr.items() if v or k not in
+                                                                  res["tasks"].get(name, {})}}
+    res["config"] = {**res["config"], "tasks": list(res["tasks"])}
+    return res
+
+
 def write_outputs(res: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality_grid.json").write_text(json.dumps(res, indent=2))
@@ -464,7 +541,10 @@ def render_md(res: dict) -> str:
           f"{cfg['tune_seeds']}). Total wall time {res.get('wall_s', 0):.0f} s.", ""]
     for name, tr in res["tasks"].items():
         maj = f"; majority class {100 * tr['test_majority']:.1f}%" if tr.get("test_majority") else ""
-        L += [f"## {name} (test {tr['metric']}{maj})", "", f"Tuned learning rates: {tr['lr']}.", "",
+        zs = tr.get("zero_shot")
+        zs_txt = (f" Zero-shot (the base model, no adapter): validation {100 * zs['validation']:.1f}%, test "
+                  f"{100 * zs['test']:.1f}%.") if zs else ""
+        L += [f"## {name} (test {tr['metric']}{maj})", "", f"Tuned learning rates: {tr['lr']}.{zs_txt}", "",
               "| arm | lr | retained params (mean ± std) | accuracy mean ± std | per seed | vs LoRA (paired, 95% CI) |",
               "|---|---:|---:|---:|---|---|"]
         for row in tr["stats"]:
@@ -491,9 +571,10 @@ def render_md(res: dict) -> str:
             L.append("")
         curves = [r for r in tr["tuning"] if r["curve"]]
         if curves:
-            L += ["Validation curves of the lr tuning (step: accuracy):", ""]
+            start = [[0, zs["validation"]]] if zs else []  # step 0 of every run is the base model
+            L += ["Validation curves of the lr tuning (step: accuracy; step 0 is the zero-shot base model):", ""]
             L += [f"- {r['arm']} lr {r['lr']:g} seed {r['seed']}: " +
-                  ", ".join(f"{s}: {100 * a:.1f}%" for s, a in r["curve"]) for r in curves]
+                  ", ".join(f"{s}: {100 * a:.1f}%" for s, a in start + r["curve"]) for r in curves]
             L.append("")
     return "\n".join(L)
 
@@ -516,6 +597,8 @@ def plot(res: dict, path: Path) -> None:
                             fmt=marker, capsize=3, label=method)
         if tr.get("test_majority"):
             ax.axhline(100 * tr["test_majority"], ls=":", color="gray", label="majority class")
+        if tr.get("zero_shot"):
+            ax.axhline(100 * tr["zero_shot"]["test"], ls="--", color="black", lw=0.8, label="zero-shot (base)")
         ax.set_xscale("log")
         ax.set_xlabel("retained adapter parameters")
         ax.set_ylabel(f"test {tr['metric']} (%)")

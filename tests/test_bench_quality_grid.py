@@ -62,7 +62,7 @@ def test_tiny_grid_runs_every_arm_and_its_statistics_come_from_the_seeds(tmp_pat
 
     # lr tuning: on the validation file, the method's first arm, the best mean validation accuracy wins
     assert {r["split"] for r in tr["tuning"]} == {"validation"}
-    for method, lrs in cfg["lrs"].items():
+    for method, lrs in cfg["lrs"].items():  # every method has an arm on rotten_tomatoes
         first = next(a["name"] for a in cfg["arms"] if a["method"] == method)
         recs = [r for r in tr["tuning"] if r["method"] == method]
         assert {r["arm"] for r in recs} == {first} and sorted({r["lr"] for r in recs}) == sorted(lrs)
@@ -72,6 +72,7 @@ def test_tiny_grid_runs_every_arm_and_its_statistics_come_from_the_seeds(tmp_pat
 
     runs = {(r["arm"], r["seed"]): r for r in tr["runs"]}
     assert len(runs) == len(cfg["arms"]) * len(cfg["seeds"])
+    assert set(tr["zero_shot"]) == {"validation", "test"} and tr["metric"] == "choice_accuracy"
     stats = {s["arm"]: s for s in tr["stats"]}
     lora = {a["name"]: a for a in cfg["arms"] if a["method"] == "lora"}
     for arm in cfg["arms"]:
@@ -103,3 +104,47 @@ def test_tiny_grid_runs_every_arm_and_its_statistics_come_from_the_seeds(tmp_pat
         assert runs["SoRA r=4 keep 0.5", s]["params"] < runs["SoRA r=4 keep 0.5", s]["params_start"]
         assert runs["AdaLoRA 4->2", s]["params"] < runs["AdaLoRA 4->2", s]["params_start"]
         assert len(runs["SoRA r=4 scheduler", s]["stages"]) == 2
+
+
+    # the generative task: only the arms that name it (an arm's `tasks`), scored by exact match of generated sums
+    ar = res["tasks"]["arithmetic"]
+    assert ar["metric"] == "exact_match" and set(ar["zero_shot"]) == {"validation", "test"}
+    only = {a["name"] for a in cfg["arms"] if "arithmetic" in a.get("tasks", cfg["tasks"])}
+    assert only == {"LoRA r=2", "SoRA r=4 keep 0.5"}
+    assert {r["arm"] for r in ar["runs"]} == only and set(ar["lr"]) == {"lora", "sora"}
+    assert len(ar["runs"]) == len(only) * len(cfg["seeds"])
+    assert "## arithmetic (test exact_match)" in md
+
+
+def test_arithmetic_task_files_are_disjoint_sums(tmp_path):
+    mod = _module()
+    task = mod.arithmetic({"n_test": 30, "n_validation": 20, "n_train": 100}, tmp_path)
+    seen = {}
+    for split in ("test", "validation", "train"):
+        rows = [json.loads(line)["messages"] for line in open(task[split])]
+        assert len(rows) == {"test": 30, "validation": 20, "train": 100}[split]
+        for system, user, answer in rows:
+            a, b = (int(x) for x in user["content"].removeprefix("What is ").removesuffix("?").split(" + "))
+            assert answer["content"] == str(a + b) and system["content"] == mod.ARITH_SYSTEM
+            assert seen.setdefault((a, b), split) == split  # a pair in one split only
+    assert task["eval"] == {"eval_max_new_tokens": mod.ARITH_NEW_TOKENS}
+
+
+def test_render_merges_grids_run_task_by_task(tmp_path):
+    mod = _module()
+    cfg = {"arms": [], "tasks": ["a"], "model": "tiny", "steps": 1, "batch_size": 1, "lr_scheduler_type": "cosine",
+           "warmup_steps": 0, "target_modules": ["q_proj"], "alpha_per_rank": 2.0, "seeds": [0], "lrs": {},
+           "tune_seeds": [0]}
+    task = {"metric": "exact_match", "test_majority": None, "tuning": [], "lr": {}, "stats": []}
+    grid = {"command": "grid", "config": cfg, "partial": False, "wall_s": 10,
+            "tasks": {"a": {**task, "runs": [{"arm": "x", "stages": []}]}}}
+    other = {"command": "other", "config": cfg, "partial": False, "wall_s": 5, "tasks": {"b": {**task, "runs": []}}}
+    zs = {"command": "zs", "config": cfg, "partial": False, "wall_s": 1,
+          "tasks": {"a": {**task, "runs": [], "zero_shot": {"validation": 0.5, "test": 0.25}}}}
+    for i, r in enumerate((grid, other, zs)):
+        (tmp_path / f"{i}.json").write_text(json.dumps(r))
+    res = mod.main(["--render", *(str(tmp_path / f"{i}.json") for i in range(3)), "--out", str(tmp_path / "out")])
+    assert list(res["tasks"]) == ["a", "b"] and res["wall_s"] == 16 and res["partial"] is False
+    assert res["tasks"]["a"]["runs"] == [{"arm": "x", "stages": []}]  # the empty runs of the zero-shot file did not win
+    assert res["tasks"]["a"]["zero_shot"] == {"validation": 0.5, "test": 0.25}
+    assert "test 25.0%" in (tmp_path / "out" / "quality_grid.md").read_text()
