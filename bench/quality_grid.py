@@ -54,7 +54,8 @@ DEFAULTS = {
     "n_validation": 500,
     "n_train": 4000,
     "max_text_chars": 200,
-    "system_prompt": "Answer with one word.",  # replaces SmolLM2's ~20-token default system prompt; "" keeps it
+    "system_prompt": "Answer with one word.",
+    "arithmetic_max": 99,  # arithmetic operands run from 10 to this: 99 gives 8,100 pairs, 999 gives 980,100  # replaces SmolLM2's ~20-token default system prompt; "" keeps it
     "max_length": 96,
     "batch_size": 8,
     "steps": 200,
@@ -98,7 +99,7 @@ PROMPT = "Review: {text}\nIs this review positive or negative?"
 CHOICES = ["positive", "negative"]
 ARITH_PROMPT = "What is {a} + {b}?"
 ARITH_SYSTEM = "Answer with the number only."
-ARITH_NEW_TOKENS = 6  # a sum below 200 is at most 3 digit tokens, then the end-of-turn marker
+ARITH_NEW_TOKENS = 6  # a sum below 2000 is at most 4 digit tokens, then the end-of-turn marker
 
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -174,14 +175,18 @@ def write_chat(path: Path, system: str, pairs: list[tuple[str, str]]) -> str:
 
 
 def arithmetic(cfg: dict, folder: Path) -> dict:
-    """A generative task: "What is a + b?" for two-digit a, b, answered by greedy generation and scored by exact match
+    """A generative task: "What is a + b?" for a, b from 10 to ``arithmetic_max``, answered by greedy generation and scored by exact match
     of the sum (the recipe's eval_max_new_tokens). Generated from a fixed seed, so it is offline by construction;
     every (a, b) pair appears in one split only."""
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    top = cfg.get("arithmetic_max", DEFAULTS["arithmetic_max"])
+    if not 10 <= top <= 999:
+        raise SystemExit(f"arithmetic_max = {top}: allowed 10 to 999 (the answer must fit eval_max_new_tokens)")
+    pairs = [(a, b) for a in range(10, top + 1) for b in range(10, top + 1)]
     random.Random(4321).shuffle(pairs)
     n_te, n_va, n_tr = cfg["n_test"], cfg["n_validation"], cfg["n_train"]
     if n_te + n_va + n_tr > len(pairs):
-        raise SystemExit(f"n_test + n_validation + n_train = {n_te + n_va + n_tr} > {len(pairs)} addition pairs")
+        raise SystemExit(f"n_test + n_validation + n_train = {n_te + n_va + n_tr} > {len(pairs)} addition pairs "
+                         f"(arithmetic_max {top}); raise arithmetic_max")
     cuts = {"test": pairs[:n_te], "validation": pairs[n_te:n_te + n_va], "train": pairs[n_te + n_va:n_te + n_va + n_tr]}
     files = {name: write_chat(folder / f"arithmetic_{name}.jsonl", ARITH_SYSTEM,
                               [(ARITH_PROMPT.format(a=a, b=b), str(a + b)) for a, b in part])
@@ -435,10 +440,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--zero-shot-only", action="store_true", help="only the base model's accuracy of each task")
     p.add_argument("--render", nargs="+", metavar="JSON", help="rewrite the markdown and plot from quality_grid.json "
                    "files without running; several are merged task by task (a later file's keys win)")
+    p.add_argument("--lora-from", metavar="JSON", help="with --render: pair every arm with the LoRA arms of this "
+                   "other grid run instead (same tasks, seeds and splits; LoRA at another lr)")
     a = p.parse_args(argv)
     out = Path(a.out)
+    if a.lora_from and not a.render:
+        raise SystemExit("--lora-from: only with --render")
     if a.render:
         res = merge([json.loads(Path(f).read_text()) for f in a.render])
+        if a.lora_from:
+            res = with_lora_from(res, json.loads(Path(a.lora_from).read_text()), a.lora_from)
         write_outputs(res, out)
         return res
     cfg = read_config(a.config, a.tiny)
@@ -510,13 +521,37 @@ def merge(results: list[dict]) -> dict:
     if len(results) == 1:
         return results[0]
     res = {"command": " ; ".join(r["command"] for r in results), "config": results[0]["config"], "tasks": {},
-           "partial": any(r.get("partial") for r in results), "wall_s": sum(r.get("wall_s", 0) for r in results)}
+           "partial": any(r.get("partial") for r in results), "wall_s": sum(r.get("wall_s", 0) for r in results),
+           "notes": [n for r in results for n in r.get("notes", [])]}
     for r in results:
         for name, tr in r["tasks"].items():
             res["tasks"][name] = {**res["tasks"].get(name, {}), **{k: v for k, v in tr.items() if v or k not in
                                                                   res["tasks"].get(name, {})}}
     res["config"] = {**res["config"], "tasks": list(res["tasks"])}
     return res
+
+
+def with_lora_from(res: dict, other: dict, name: str) -> dict:
+    """``res`` with its LoRA runs replaced by ``other``'s (a grid on the same tasks, seeds and splits, LoRA at another
+    learning rate), statistics recomputed: every other arm is paired with the same seeds of that LoRA. Answers "is
+    the difference to LoRA the method or the learning rate?" without retraining the grid."""
+    lora_arms = {arm["name"] for arm in other["config"]["arms"] if arm["method"] == "lora"}
+    method = {arm["name"]: arm["method"] for arm in res["config"]["arms"]}
+    unknown = sorted(n for n in lora_arms if method.get(n) != "lora")
+    if unknown:
+        raise SystemExit(f"--lora-from {name}: LoRA arms {unknown} are not LoRA arms of the grid being rendered")
+    tasks = {}
+    for task_name, tr in res["tasks"].items():
+        o = other["tasks"].get(task_name)
+        if o is None:
+            continue
+        runs = [r for r in tr["runs"] if method[r["arm"]] != "lora"] + [r for r in o["runs"] if r["arm"] in lora_arms]
+        tasks[task_name] = {**tr, "runs": runs, "lr": {**tr["lr"], "lora": o["lr"]["lora"]},
+                            "stats": statistics(res["config"], runs)}
+    note = (f"LoRA arms ({', '.join(sorted(lora_arms))}) and their runs taken from `{name}` "
+            f"(`{other['command']}`); every other arm is from the grid above, paired with them seed by seed.")
+    return {**res, "command": f"{res['command']} ; render --lora-from {name}", "tasks": tasks,
+            "notes": res.get("notes", []) + [note], "partial": res.get("partial") or other.get("partial")}
 
 
 def write_outputs(res: dict, out: Path) -> None:
@@ -534,7 +569,7 @@ def render_md(res: dict) -> str:
     L = ["# Quality grid: accuracy vs retained adapter parameters (issue #16)", ""]
     if res.get("partial"):
         L += ["**PARTIAL**: the run did not finish.", ""]
-    L += [f"Command: `{res['command']}`", "", "## Protocol", "", (__doc__ or "").split("Run::")[0].strip(), "",
+    L += [f"Command: `{res['command']}`", ""] + [f"Note: {n}" for n in res.get("notes", [])] + ["", "## Protocol", "", (__doc__ or "").split("Run::")[0].strip(), "",
           f"Model {cfg['model']}; {cfg['steps']} steps of batch {cfg['batch_size']}, {cfg['lr_scheduler_type']} "
           f"decay after {cfg['warmup_steps']} warmup steps; targets {', '.join(cfg['target_modules'])}; "
           f"lora_alpha = {cfg['alpha_per_rank']:g} r; seeds {cfg['seeds']}; lr grid {cfg['lrs']} (tuned on seeds "

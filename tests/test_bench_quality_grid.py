@@ -32,12 +32,22 @@ def test_t_interval_matches_student_t():
     assert (m, lo, hi) == pytest.approx((0.03, 0.03 - half, 0.03 + half))
 
 
-@pytest.mark.parametrize("name", ["grid", "grid_gpu"])
+@pytest.mark.parametrize("name", ["grid", "grid_gpu", "lora_lr_check"])
 def test_shipped_grid_configs_are_valid_recipe_configs(name, tmp_path):
     mod = _module()
     arms = len(mod.read_config(str(REPO / "bench" / "quality" / f"{name}.yaml"), False)["arms"])
     out = mod.main(["--config", str(REPO / "bench" / "quality" / f"{name}.yaml"), "--out", str(tmp_path), "--check"])
     assert out["configs"] >= arms * 3  # every arm x lr x seed went through load_config
+
+
+def test_lr_check_is_the_grid_with_only_loras_lr_changed():
+    mod = _module()
+    grid = mod.read_config(str(REPO / "bench" / "quality" / "grid.yaml"), False)
+    check = mod.read_config(str(REPO / "bench" / "quality" / "lora_lr_check.yaml"), False)
+    assert {k: v for k, v in check.items() if k not in ("lrs", "arms")} == \
+        {k: v for k, v in grid.items() if k not in ("lrs", "arms")}
+    assert check["lrs"]["lora"] == [3.0e-3] and 3.0e-3 in grid["lrs"]["lora"] and 3.0e-3 in grid["lrs"]["sora"]
+    assert [a for a in check["arms"] if a not in grid["arms"]] == []  # the same LoRA arms the grid scores
 
 
 def test_bad_arm_is_named_before_any_run(tmp_path):
@@ -148,3 +158,40 @@ def test_render_merges_grids_run_task_by_task(tmp_path):
     assert res["tasks"]["a"]["runs"] == [{"arm": "x", "stages": []}]  # the empty runs of the zero-shot file did not win
     assert res["tasks"]["a"]["zero_shot"] == {"validation": 0.5, "test": 0.25}
     assert "test 25.0%" in (tmp_path / "out" / "quality_grid.md").read_text()
+
+
+def test_lora_from_pairs_every_arm_with_the_other_grids_lora_seed_by_seed(tmp_path):
+    mod = _module()
+    arms = [{"name": "LoRA r=4", "method": "lora", "r": 4}, {"name": "LoRA r=2", "method": "lora", "r": 2},
+            {"name": "SoRA", "method": "sora", "r": 8}]
+    cfg = {"arms": arms, "tasks": ["a"], "model": "tiny", "steps": 1, "batch_size": 1, "lr_scheduler_type": "cosine",
+           "warmup_steps": 0, "target_modules": ["q_proj"], "alpha_per_rank": 2.0, "seeds": [0, 1, 2],
+           "lrs": {"lora": [1e-3], "sora": [3e-3]}, "tune_seeds": [0]}
+
+    def runs(arm, lr, params, accs):
+        return [{"arm": arm, "lr": lr, "seed": s, "accuracy": a, "params": params, "stages": []}
+                for s, a in enumerate(accs)]
+
+    task = {"metric": "exact_match", "test_majority": None, "tuning": [], "stats": []}
+    grid = {"command": "grid", "config": cfg, "partial": False, "wall_s": 1, "tasks": {"a": {
+        **task, "lr": {"lora": 1e-3, "sora": 3e-3}, "runs": runs("LoRA r=4", 1e-3, 400, [0.1, 0.2, 0.3]) +
+        runs("LoRA r=2", 1e-3, 200, [0.1, 0.1, 0.1]) + runs("SoRA", 3e-3, 250, [0.5, 0.6, 0.4])}}}
+    check = {"command": "check", "config": {**cfg, "arms": arms[:1], "lrs": {"lora": [3e-3]}}, "partial": False,
+             "tasks": {"a": {**task, "lr": {"lora": 3e-3}, "runs": runs("LoRA r=4", 3e-3, 400, [0.4, 0.7, 0.4])}}}
+    for name, r in (("grid", grid), ("check", check)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    direct = {row["arm"]: row for row in mod.statistics(cfg, grid["tasks"]["a"]["runs"])}
+    assert direct["SoRA"]["vs_lora"]["ref"] == "LoRA r=2"  # nearer in log params than r=4
+    res = mod.main(["--render", str(tmp_path / "grid.json"), "--lora-from", str(tmp_path / "check.json"),
+                    "--out", str(tmp_path / "out")])
+    rows = {row["arm"]: row for row in res["tasks"]["a"]["stats"]}
+    assert set(rows) == {"LoRA r=4", "SoRA"}  # the grid's own LoRAs (at the other lr) are gone
+    assert rows["LoRA r=4"]["lr"] == 3e-3 and res["tasks"]["a"]["lr"]["lora"] == 3e-3
+    assert rows["SoRA"]["vs_lora"]["ref"] == "LoRA r=4"
+    assert rows["SoRA"]["vs_lora"]["diffs"] == pytest.approx([0.1, -0.1, 0.0])  # seed by seed: 0.5-0.4, 0.6-0.7, ...
+    assert "taken from" in (tmp_path / "out" / "quality_grid.md").read_text()
+    bad = {**check, "config": {**check["config"], "arms": [{"name": "LoRA r=9", "method": "lora", "r": 9}]}}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(SystemExit, match="LoRA r=9"):
+        mod.main(["--render", str(tmp_path / "grid.json"), "--lora-from", str(tmp_path / "bad.json"),
+                  "--out", str(tmp_path / "x")])
