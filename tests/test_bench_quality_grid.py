@@ -32,12 +32,13 @@ def test_t_interval_matches_student_t():
     assert (m, lo, hi) == pytest.approx((0.03, 0.03 - half, 0.03 + half))
 
 
-@pytest.mark.parametrize("name", ["grid", "grid_gpu", "lora_lr_check"])
+@pytest.mark.parametrize("name", ["grid", "grid_gpu", "lora_lr_check", "arith_curve"])
 def test_shipped_grid_configs_are_valid_recipe_configs(name, tmp_path):
     mod = _module()
-    arms = len(mod.read_config(str(REPO / "bench" / "quality" / f"{name}.yaml"), False)["arms"])
+    cfg = mod.read_config(str(REPO / "bench" / "quality" / f"{name}.yaml"), False)
     out = mod.main(["--config", str(REPO / "bench" / "quality" / f"{name}.yaml"), "--out", str(tmp_path), "--check"])
-    assert out["configs"] >= arms * 3  # every arm x lr x seed went through load_config
+    # every arm x lr x seed went through load_config
+    assert out["configs"] == sum(len(cfg["lrs"][arm["method"]]) * len(cfg["seeds"]) for arm in cfg["arms"]) > 0
 
 
 def test_lr_check_is_the_grid_with_only_loras_lr_changed():
@@ -48,6 +49,16 @@ def test_lr_check_is_the_grid_with_only_loras_lr_changed():
         {k: v for k, v in grid.items() if k not in ("lrs", "arms")}
     assert check["lrs"]["lora"] == [3.0e-3] and 3.0e-3 in grid["lrs"]["lora"] and 3.0e-3 in grid["lrs"]["sora"]
     assert [a for a in check["arms"] if a not in grid["arms"]] == []  # the same LoRA arms the grid scores
+
+
+def test_arith_curve_is_the_grid_run_longer():
+    mod = _module()
+    grid = mod.read_config(str(REPO / "bench" / "quality" / "grid.yaml"), False)
+    curve = mod.read_config(str(REPO / "bench" / "quality" / "arith_curve.yaml"), False)
+    changed = ("tasks", "steps", "warmup_steps", "seeds", "lrs", "arms")
+    assert {k: v for k, v in curve.items() if k not in changed} == {k: v for k, v in grid.items() if k not in changed}
+    assert curve["tasks"] == ["arithmetic"] and curve["steps"] == 3 * grid["steps"]
+    assert curve["warmup_steps"] / curve["steps"] == grid["warmup_steps"] / grid["steps"]
 
 
 def test_bad_arm_is_named_before_any_run(tmp_path):
