@@ -189,7 +189,10 @@ def train(cfg: TrainConfig, on_step=None):
                 if on_step is not None:
                     on_step(done, run.model, run.optimizer)
                 halt = run.stop_requested or run.all_pruned
-                if done % cfg.log_every == 0 or done == cfg.max_steps or halt:
+                # an eval step gets its own line: evals ride on log lines, and eval_every need not be a multiple
+                # of log_every
+                evals = cfg.eval_every and done % cfg.eval_every == 0
+                if done % cfg.log_every == 0 or evals or done == cfg.max_steps or halt:
                     log(run, done)
                 lambdas = cfg.sparsity
                 if lambdas is not None and (lambdas.is_stage_end(step) or (lambdas.sparsify_stages and done == cfg.max_steps)):

@@ -227,6 +227,15 @@ def test_num_train_epochs_sets_the_run_length_and_the_schedules_follow(tmp_path)
     assert metrics(tmp_path)[-1]["lambda"] == pytest.approx(cfg.sparsity.sparse_lambda * (steps - 1) / steps)
 
 
+def test_eval_every_that_is_not_a_multiple_of_log_every_still_evaluates_at_each_of_its_steps(tmp_path):
+    cfg = load_config(["--max_steps", "6", "--log_every", "4", "--eval_every", "3", "--eval_size", "8",
+                       "--output_dir", str(tmp_path)], SORA_DEMO)
+    train(cfg)
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [3, 4, 6]  # log lines at 4 and 6 (the last), eval lines at 3 and 6
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
+
+
 def test_num_train_epochs_and_max_steps_in_one_place_is_an_error_the_command_line_wins(tmp_path):
     from sora_ds.recipe.config import ConfigError
 
