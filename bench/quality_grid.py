@@ -103,6 +103,9 @@ ARITH_NEW_TOKENS = 6  # a sum below 2000 is at most 4 digit tokens, then the end
 
 
 # ----------------------------------------------------------------------------------------------------------- config
+SCRATCH_MARK = ".quality_grid_scratch"
+
+
 def read_config(path: str | None, tiny: bool) -> dict:
     cfg = json.loads(json.dumps(DEFAULTS))
     if path:
@@ -462,11 +465,15 @@ def main(argv: list[str] | None = None) -> dict:
     if a.check:
         print(f"{n_configs} recipe configs valid", flush=True)
         return {"configs": n_configs}
+    work = out / "runs"  # scratch, removed at the end: never one this script did not make (its marker file says so)
+    if work.exists() and not (work / SCRATCH_MARK).exists():
+        raise SystemExit(f"--out {out}: {work} exists and was not made by this script; the grid removes its scratch "
+                         f"folder when it ends, so choose another --out or move {work} away")
     import torch
 
     torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", "2")))
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / SCRATCH_MARK).write_text("bench/quality_grid.py scratch folder; removed when the grid finishes\n")
     model_dir = None
     if cfg["model"] == "smollm2":
         from sora_ds.recipe.cli import import_gguf

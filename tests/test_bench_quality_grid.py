@@ -206,3 +206,11 @@ def test_lora_from_pairs_every_arm_with_the_other_grids_lora_seed_by_seed(tmp_pa
     with pytest.raises(SystemExit, match="LoRA r=9"):
         mod.main(["--render", str(tmp_path / "grid.json"), "--lora-from", str(tmp_path / "bad.json"),
                   "--out", str(tmp_path / "x")])
+
+
+def test_a_runs_folder_the_grid_did_not_make_is_refused_and_kept(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "mine.txt").write_text("user data")
+    with pytest.raises(SystemExit, match=r"runs exists and was not made by this script"):
+        _module().main(["--tiny", "--out", str(tmp_path)])
+    assert (tmp_path / "runs" / "mine.txt").read_text() == "user data"
