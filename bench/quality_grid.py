@@ -54,8 +54,8 @@ DEFAULTS = {
     "n_validation": 500,
     "n_train": 4000,
     "max_text_chars": 200,
-    "system_prompt": "Answer with one word.",
-    "arithmetic_max": 99,  # arithmetic operands run from 10 to this: 99 gives 8,100 pairs, 999 gives 980,100  # replaces SmolLM2's ~20-token default system prompt; "" keeps it
+    "system_prompt": "Answer with one word.",  # replaces SmolLM2's ~20-token default system prompt; "" keeps it
+    "arithmetic_max": 99,  # arithmetic operands run from 10 to this: 99 gives 8,100 pairs, 999 gives 980,100
     "max_length": 96,
     "batch_size": 8,
     "steps": 200,
@@ -128,6 +128,9 @@ def read_config(path: str | None, tiny: bool) -> dict:
             raise SystemExit(f"arm {arm['name']}: no learning rates for method {arm['method']} in lrs")
     if not cfg["arms"]:
         raise SystemExit("no arms in the config")
+    if not 10 <= cfg["arithmetic_max"] <= 999:
+        raise SystemExit(f"arithmetic_max = {cfg['arithmetic_max']}: allowed 10 to 999 (the answer must fit "
+                         f"eval_max_new_tokens)")
     return cfg
 
 
@@ -178,12 +181,10 @@ def write_chat(path: Path, system: str, pairs: list[tuple[str, str]]) -> str:
 
 
 def arithmetic(cfg: dict, folder: Path) -> dict:
-    """A generative task: "What is a + b?" for a, b from 10 to ``arithmetic_max``, answered by greedy generation and scored by exact match
-    of the sum (the recipe's eval_max_new_tokens). Generated from a fixed seed, so it is offline by construction;
+    """A generative task: "What is a + b?" for a, b from 10 to ``arithmetic_max``, answered by greedy generation and
+    scored by exact match of the sum (the recipe's eval_max_new_tokens). Generated from a fixed seed, so it is offline by construction;
     every (a, b) pair appears in one split only."""
-    top = cfg.get("arithmetic_max", DEFAULTS["arithmetic_max"])
-    if not 10 <= top <= 999:
-        raise SystemExit(f"arithmetic_max = {top}: allowed 10 to 999 (the answer must fit eval_max_new_tokens)")
+    top = cfg["arithmetic_max"]  # range checked by read_config
     pairs = [(a, b) for a in range(10, top + 1) for b in range(10, top + 1)]
     random.Random(4321).shuffle(pairs)
     n_te, n_va, n_tr = cfg["n_test"], cfg["n_validation"], cfg["n_train"]
@@ -485,7 +486,6 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
            "config": cfg, "tasks": {}, "partial": True}
     for task_name in cfg["tasks"]:
-        work.mkdir(parents=True, exist_ok=True)
         task = task_files(cfg, task_name, work)  # removed with runs/ at the end: the fixed split rewrites them
         tr = {"files": {k: task[k] for k in ("train", "validation", "test")}, "metric": task["metric"],
               "test_majority": task["test_majority"], "tuning": [], "lr": {}, "runs": [], "stats": []}
@@ -576,7 +576,8 @@ def render_md(res: dict) -> str:
     L = ["# Quality grid: accuracy vs retained adapter parameters (issue #16)", ""]
     if res.get("partial"):
         L += ["**PARTIAL**: the run did not finish.", ""]
-    L += [f"Command: `{res['command']}`", ""] + [f"Note: {n}" for n in res.get("notes", [])] + ["", "## Protocol", "", (__doc__ or "").split("Run::")[0].strip(), "",
+    L += [f"Command: `{res['command']}`", "", *(f"Note: {n}" for n in res.get("notes", [])), "", "## Protocol", "",
+          (__doc__ or "").split("Run::")[0].strip(), "",
           f"Model {cfg['model']}; {cfg['steps']} steps of batch {cfg['batch_size']}, {cfg['lr_scheduler_type']} "
           f"decay after {cfg['warmup_steps']} warmup steps; targets {', '.join(cfg['target_modules'])}; "
           f"lora_alpha = {cfg['alpha_per_rank']:g} r; seeds {cfg['seeds']}; lr grid {cfg['lrs']} (tuned on seeds "

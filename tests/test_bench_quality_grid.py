@@ -41,22 +41,22 @@ def test_shipped_grid_configs_are_valid_recipe_configs(name, tmp_path):
     assert out["configs"] == sum(len(cfg["lrs"][arm["method"]]) * len(cfg["seeds"]) for arm in cfg["arms"]) > 0
 
 
-def test_lr_check_is_the_grid_with_only_loras_lr_changed():
+def _grid_and(name: str, changed: tuple[str, ...]) -> tuple[dict, dict]:
+    """grid.yaml and bench/quality/NAME.yaml, after asserting that they agree on every key but ``changed``."""
     mod = _module()
-    grid = mod.read_config(str(REPO / "bench" / "quality" / "grid.yaml"), False)
-    check = mod.read_config(str(REPO / "bench" / "quality" / "lora_lr_check.yaml"), False)
-    assert {k: v for k, v in check.items() if k not in ("lrs", "arms")} == \
-        {k: v for k, v in grid.items() if k not in ("lrs", "arms")}
+    grid, other = (mod.read_config(str(REPO / "bench" / "quality" / f"{n}.yaml"), False) for n in ("grid", name))
+    assert {k: v for k, v in other.items() if k not in changed} == {k: v for k, v in grid.items() if k not in changed}
+    return grid, other
+
+
+def test_lr_check_is_the_grid_with_only_loras_lr_changed():
+    grid, check = _grid_and("lora_lr_check", ("lrs", "arms"))
     assert check["lrs"]["lora"] == [3.0e-3] and 3.0e-3 in grid["lrs"]["lora"] and 3.0e-3 in grid["lrs"]["sora"]
     assert [a for a in check["arms"] if a not in grid["arms"]] == []  # the same LoRA arms the grid scores
 
 
 def test_arith_curve_is_the_grid_run_longer():
-    mod = _module()
-    grid = mod.read_config(str(REPO / "bench" / "quality" / "grid.yaml"), False)
-    curve = mod.read_config(str(REPO / "bench" / "quality" / "arith_curve.yaml"), False)
-    changed = ("tasks", "steps", "warmup_steps", "seeds", "lrs", "arms")
-    assert {k: v for k, v in curve.items() if k not in changed} == {k: v for k, v in grid.items() if k not in changed}
+    grid, curve = _grid_and("arith_curve", ("tasks", "steps", "warmup_steps", "seeds", "lrs", "arms"))
     assert curve["tasks"] == ["arithmetic"] and curve["steps"] == 3 * grid["steps"]
     assert curve["warmup_steps"] / curve["steps"] == grid["warmup_steps"] / grid["steps"]
 
@@ -139,7 +139,7 @@ def test_tiny_grid_runs_every_arm_and_its_statistics_come_from_the_seeds(tmp_pat
 
 def test_arithmetic_task_files_are_disjoint_sums(tmp_path):
     mod = _module()
-    task = mod.arithmetic({"n_test": 30, "n_validation": 20, "n_train": 100}, tmp_path)
+    task = mod.arithmetic({"n_test": 30, "n_validation": 20, "n_train": 100, "arithmetic_max": 99}, tmp_path)
     seen = {}
     for split in ("test", "validation", "train"):
         rows = [json.loads(line)["messages"] for line in open(task[split])]
@@ -149,6 +149,15 @@ def test_arithmetic_task_files_are_disjoint_sums(tmp_path):
             assert answer["content"] == str(a + b) and system["content"] == mod.ARITH_SYSTEM
             assert seen.setdefault((a, b), split) == split  # a pair in one split only
     assert task["eval"] == {"eval_max_new_tokens": mod.ARITH_NEW_TOKENS}
+
+
+def test_arithmetic_max_out_of_range_is_named_before_any_run(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny\ntasks: [arithmetic]\narithmetic_max: 5\nlrs: {lora: [1.0e-3]}\n"
+                   "arms:\n  - {name: LoRA r=2, method: lora, r: 2}\n")
+    with pytest.raises(SystemExit, match=r"arithmetic_max = 5: allowed 10 to 999"):
+        _module().main(["--config", str(bad), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_render_merges_grids_run_task_by_task(tmp_path):
