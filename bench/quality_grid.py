@@ -13,6 +13,8 @@ keeps its rank.
 
 Protocol (per task):
   1. Data: the task's records are split once (fixed seed) into test / validation / train files (chat JSONL).
+     A task may train longer or tune on other lrs / seeds than the rest (``per_task``: a task's ``steps`` stretch
+     its warmup and every arm's schedule by the same factor).
   2. Learning rate, per method: the method's first arm in ``arms`` is trained at every lr of ``lrs[method]`` on
      ``tune_seeds`` with ``eval_dataset`` = the validation file; the lr with the best mean validation accuracy is used
      by every arm of that method. The validation curve (accuracy every ``curve_every`` steps) is kept.
@@ -68,6 +70,10 @@ DEFAULTS = {
     "tune_seeds": [0],
     "lrs": {"lora": [3.0e-4, 1.0e-3, 3.0e-3], "sora": [3.0e-4, 1.0e-3, 3.0e-3], "adalora": [3.0e-4, 1.0e-3, 3.0e-3]},
     "curve_every": 50,
+    # A task that needs another length or lr grid: {task: {key: value}} for the keys in PER_TASK_KEYS, e.g.
+    # {arithmetic: {steps: 90}}. A task's steps scale the schedule's other step counts with it (warmup_steps and the
+    # arms' SCHEDULE_STEP_KEYS, rounded), so every schedule keeps its shape at the task's length.
+    "per_task": {},
     "arms": [],
 }
 
@@ -76,11 +82,12 @@ TINY = {
     "batch_size": 4, "steps": 6, "warmup_steps": 1, "seeds": [0, 1], "tune_seeds": [0], "curve_every": 3,
     "lrs": {"lora": [3.0e-2, 1.0e-1], "sora": [1.0e-1], "adalora": [1.0e-1]},
     "tasks": ["rotten_tomatoes", "arithmetic"],
+    "per_task": {"arithmetic": {"steps": 12, "curve_every": 4, "tune_seeds": [1]}},
     "arms": [
         {"name": "LoRA r=2", "method": "lora", "r": 2},
         {"name": "LoRA r=4", "method": "lora", "r": 4, "tasks": ["rotten_tomatoes"]},
         {"name": "SoRA r=4 keep 0.5", "method": "sora", "r": 4, "keep_fraction": 0.5, "sparse_lambda": 1.0,
-         "lambda_schedule": "linear"},
+         "lambda_schedule": "linear", "lambda_ramp_steps": 4},
         {"name": "SoRA r=4 lambda 1", "method": "sora", "r": 4, "sparse_lambda": 1.0, "tasks": ["rotten_tomatoes"]},
         {"name": "SoRA r=4 scheduler", "method": "sora", "r": 4, "sparse_lambda": 2.0, "lambda_schedule": "linear",
          "lambda_start": 0.0, "sparsify_stages": 2, "tasks": ["rotten_tomatoes"]},
@@ -93,6 +100,8 @@ TINY = {
 ARM_KEYS = {"name", "method", "r", "sparse_lambda", "keep_fraction", "lambda_schedule", "lambda_start",
             "lambda_ramp_steps", "sparsify_stages", "target_r", "t_init", "t_final", "delta_t", "orth_reg_weight",
             "tasks"}  # tasks: the tasks an arm runs on (default every task of the config)
+PER_TASK_KEYS = {"steps", "curve_every", "lrs", "tune_seeds"}
+SCHEDULE_STEP_KEYS = ("lambda_ramp_steps", "t_init", "t_final", "delta_t")  # arm keys counted in steps
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 PROMPT = "Review: {text}\nIs this review positive or negative?"
@@ -128,6 +137,18 @@ def read_config(path: str | None, tiny: bool) -> dict:
             raise SystemExit(f"arm {arm['name']}: no learning rates for method {arm['method']} in lrs")
     if not cfg["arms"]:
         raise SystemExit("no arms in the config")
+    for task_name, over in cfg["per_task"].items():
+        if task_name not in cfg["tasks"]:
+            raise SystemExit(f"per_task: task {task_name!r} is not in the config's tasks {cfg['tasks']}")
+        bad = sorted(set(over) - PER_TASK_KEYS)
+        if bad:
+            raise SystemExit(f"per_task.{task_name}: unknown keys {bad}; allowed: {sorted(PER_TASK_KEYS)}")
+        if "steps" in over and not (isinstance(over["steps"], int) and over["steps"] > 0):
+            raise SystemExit(f"per_task.{task_name}.steps = {over['steps']!r}: allowed a positive integer")
+        missing = sorted({arm["method"] for arm in task_arms(cfg, task_name)} - set(over.get("lrs", cfg["lrs"])))
+        if missing:
+            raise SystemExit(f"per_task.{task_name}.lrs: no learning rates for methods {missing}, which arms of "
+                             f"{task_name} use")
     if not 10 <= cfg["arithmetic_max"] <= 999:
         raise SystemExit(f"arithmetic_max = {cfg['arithmetic_max']}: allowed 10 to 999 (the answer must fit "
                          f"eval_max_new_tokens)")
@@ -355,6 +376,20 @@ def task_arms(cfg: dict, task_name: str) -> list[dict]:
     return [arm for arm in cfg["arms"] if task_name in arm.get("tasks", cfg["tasks"])]
 
 
+def task_config(cfg: dict, task_name: str) -> dict:
+    """``cfg`` as one task runs it: its ``per_task`` values applied, and when its steps differ from ``steps``, the
+    warmup and the arms' schedule step counts scaled by the same factor (a lambda ramp over 20 of 30 steps becomes 60
+    of 90), so a longer task is the same schedule stretched, not a different one."""
+    over = cfg["per_task"].get(task_name, {})
+    scale = over.get("steps", cfg["steps"]) / cfg["steps"]
+
+    def stretch(v: int) -> int:
+        return max(1, round(v * scale)) if v else v
+
+    arms = [{**arm, **{k: stretch(arm[k]) for k in SCHEDULE_STEP_KEYS if k in arm}} for arm in cfg["arms"]]
+    return {**cfg, **over, "warmup_steps": stretch(cfg["warmup_steps"]), "arms": arms}
+
+
 def one_run(cfg, arm, task, model_dir, lr, seed, eval_file, out, curve) -> dict:
     fn = train_peft_lora if arm["method"] == "lora" else run_recipe
     rec = fn(cfg, arm, task, model_dir, lr, seed, eval_file, out, curve)
@@ -419,16 +454,18 @@ def check_configs(cfg: dict) -> int:
     Path(placeholder).write_text(json.dumps({"prompt": "a", "response": "positive"}) + "\n")
     task = {"train": placeholder, "eval": {"eval_choices": CHOICES}}
     n = 0
-    for arm in cfg["arms"]:
-        for lr in cfg["lrs"][arm["method"]]:
-            for seed in cfg["seeds"]:
-                argv = recipe_argv(cfg, {**arm, "method": "sora"} if arm["method"] == "lora" else arm, task, None, lr,
-                                   seed, placeholder, Path(tmp.name) / "run", True)
-                try:
-                    load_config(argv)
-                except (ConfigError, ValueError) as e:
-                    raise SystemExit(f"arm {arm['name']!r} (lr {lr:g}, seed {seed}): {e}") from None
-                n += 1
+    for task_name in cfg["tasks"]:
+        tcfg = task_config(cfg, task_name)
+        for arm in task_arms(tcfg, task_name):
+            for lr in tcfg["lrs"][arm["method"]]:
+                for seed in tcfg["seeds"]:
+                    argv = recipe_argv(tcfg, {**arm, "method": "sora"} if arm["method"] == "lora" else arm, task,
+                                       None, lr, seed, placeholder, Path(tmp.name) / "run", True)
+                    try:
+                        load_config(argv)
+                    except (ConfigError, ValueError) as e:
+                        raise SystemExit(f"{task_name}: arm {arm['name']!r} (lr {lr:g}, seed {seed}): {e}") from None
+                    n += 1
     tmp.cleanup()
     return n
 
@@ -444,16 +481,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--zero-shot-only", action="store_true", help="only the base model's accuracy of each task")
     p.add_argument("--render", nargs="+", metavar="JSON", help="rewrite the markdown and plot from quality_grid.json "
                    "files without running; several are merged task by task (a later file's keys win)")
-    p.add_argument("--lora-from", metavar="JSON", help="with --render: pair every arm with the LoRA arms of this "
-                   "other grid run instead (same tasks, seeds and splits; LoRA at another lr)")
+    p.add_argument("--runs-from", metavar="JSON", help="with --render: take the runs of every method this other grid "
+                   "ran from it instead (same tasks, seeds and splits; that method at another lr)")
     a = p.parse_args(argv)
     out = Path(a.out)
-    if a.lora_from and not a.render:
-        raise SystemExit("--lora-from: only with --render")
+    if a.runs_from and not a.render:
+        raise SystemExit("--runs-from: only with --render")
     if a.render:
         res = merge([json.loads(Path(f).read_text()) for f in a.render])
-        if a.lora_from:
-            res = with_lora_from(res, json.loads(Path(a.lora_from).read_text()), a.lora_from)
+        if a.runs_from:
+            res = with_runs_from(res, json.loads(Path(a.runs_from).read_text()), a.runs_from)
         write_outputs(res, out)
         return res
     cfg = read_config(a.config, a.tiny)
@@ -487,32 +524,34 @@ def main(argv: list[str] | None = None) -> dict:
            "config": cfg, "tasks": {}, "partial": True}
     for task_name in cfg["tasks"]:
         task = task_files(cfg, task_name, work)  # removed with runs/ at the end: the fixed split rewrites them
+        tcfg = task_config(cfg, task_name)
         tr = {"files": {k: task[k] for k in ("train", "validation", "test")}, "metric": task["metric"],
-              "test_majority": task["test_majority"], "tuning": [], "lr": {}, "runs": [], "stats": []}
+              "test_majority": task["test_majority"], "steps": tcfg["steps"], "warmup_steps": tcfg["warmup_steps"],
+              "tuning": [], "lr": {}, "runs": [], "stats": []}
         res["tasks"][task_name] = tr
         print(f"{task_name}:", flush=True)
-        tr["zero_shot"] = zero_shot(cfg, task, model_dir, work / "run")
+        tr["zero_shot"] = zero_shot(tcfg, task, model_dir, work / "run")
         if a.zero_shot_only:
             continue
-        arms = task_arms(cfg, task_name)
+        arms = task_arms(tcfg, task_name)
         for method in dict.fromkeys(arm["method"] for arm in arms):
             tune_arm = next(arm for arm in arms if arm["method"] == method)
             scores = {}
-            for lr in cfg["lrs"][method]:
-                recs = [one_run(cfg, tune_arm, task, model_dir, lr, s, task["validation"], work / "run", True)
-                        for s in cfg["tune_seeds"]]
+            for lr in tcfg["lrs"][method]:
+                recs = [one_run(tcfg, tune_arm, task, model_dir, lr, s, task["validation"], work / "run", True)
+                        for s in tcfg["tune_seeds"]]
                 tr["tuning"] += [{**r, "method": method, "split": "validation"} for r in recs]
                 scores[lr] = sum(r["accuracy"] for r in recs) / len(recs)
             tr["lr"][method] = max(scores, key=lambda lr: (scores[lr], -lr))  # ties: the smaller lr
             print(f"{task_name}: {method} lr {tr['lr'][method]:g} (validation {scores})", flush=True)
         for arm in arms:
-            for seed in cfg["seeds"]:
-                tr["runs"].append(one_run(cfg, arm, task, model_dir, tr["lr"][arm["method"]], seed, task["test"],
+            for seed in tcfg["seeds"]:
+                tr["runs"].append(one_run(tcfg, arm, task, model_dir, tr["lr"][arm["method"]], seed, task["test"],
                                           work / "run", False))
                 res["wall_s"] = time.time() - t_all
-                tr["stats"] = statistics(cfg, tr["runs"])
+                tr["stats"] = statistics(tcfg, tr["runs"])
                 write_outputs(res, out)  # partial results (marked PARTIAL) survive a kill and can be read meanwhile
-        tr["stats"] = statistics(cfg, tr["runs"])
+        tr["stats"] = statistics(tcfg, tr["runs"])
     shutil.rmtree(work, ignore_errors=True)
     res["partial"] = False
     res["wall_s"] = time.time() - t_all
@@ -527,7 +566,9 @@ def merge(results: list[dict]) -> dict:
     ``--zero-shot-only`` run adds its zero_shot to a grid run without one); partial if any part is."""
     if len(results) == 1:
         return results[0]
-    res = {"command": " ; ".join(r["command"] for r in results), "config": results[0]["config"], "tasks": {},
+    res = {"command": " ; ".join(r["command"] for r in results), "config": {k: v for r in results
+                                                                              for k, v in r["config"].items()},
+           "tasks": {},
            "partial": any(r.get("partial") for r in results), "wall_s": sum(r.get("wall_s", 0) for r in results),
            "notes": [n for r in results for n in r.get("notes", [])]}
     for r in results:
@@ -538,26 +579,31 @@ def merge(results: list[dict]) -> dict:
     return res
 
 
-def with_lora_from(res: dict, other: dict, name: str) -> dict:
-    """``res`` with its LoRA runs replaced by ``other``'s (a grid on the same tasks, seeds and splits, LoRA at another
-    learning rate), statistics recomputed: every other arm is paired with the same seeds of that LoRA. Answers "is
-    the difference to LoRA the method or the learning rate?" without retraining the grid."""
-    lora_arms = {arm["name"] for arm in other["config"]["arms"] if arm["method"] == "lora"}
+def with_runs_from(res: dict, other: dict, name: str) -> dict:
+    """``res`` with the runs of every method that ``other`` ran replaced by ``other``'s (a grid on the same tasks,
+    seeds and splits, that method at another learning rate), statistics recomputed: every arm is paired seed by seed
+    with the LoRA runs now in the table. Answers "is the difference to LoRA the method or the learning rate?" without
+    retraining the grid. Tasks ``other`` did not run are left out."""
+    other_method = {arm["name"]: arm["method"] for arm in other["config"]["arms"]}
     method = {arm["name"]: arm["method"] for arm in res["config"]["arms"]}
-    unknown = sorted(n for n in lora_arms if method.get(n) != "lora")
+    unknown = sorted(n for n, m in other_method.items() if method.get(n) != m)
     if unknown:
-        raise SystemExit(f"--lora-from {name}: LoRA arms {unknown} are not LoRA arms of the grid being rendered")
-    tasks = {}
+        raise SystemExit(f"--runs-from {name}: arms {unknown} are not arms of the same method in the grid being "
+                         f"rendered")
+    tasks, swapped = {}, set()
     for task_name, tr in res["tasks"].items():
         o = other["tasks"].get(task_name)
         if o is None:
             continue
-        runs = [r for r in tr["runs"] if method[r["arm"]] != "lora"] + [r for r in o["runs"] if r["arm"] in lora_arms]
-        tasks[task_name] = {**tr, "runs": runs, "lr": {**tr["lr"], "lora": o["lr"]["lora"]},
+        methods = {other_method[r["arm"]] for r in o["runs"]}
+        swapped |= methods
+        runs = [r for r in tr["runs"] if method[r["arm"]] not in methods] + o["runs"]
+        tasks[task_name] = {**tr, "runs": runs, "lr": {**tr["lr"], **{m: o["lr"][m] for m in methods}},
                             "stats": statistics(res["config"], runs)}
-    note = (f"LoRA arms ({', '.join(sorted(lora_arms))}) and their runs taken from `{name}` "
-            f"(`{other['command']}`); every other arm is from the grid above, paired with them seed by seed.")
-    return {**res, "command": f"{res['command']} ; render --lora-from {name}", "tasks": tasks,
+    arms = sorted({r["arm"] for o in other["tasks"].values() for r in o["runs"]})
+    note = (f"Every {' and '.join(sorted(swapped))} arm's runs taken from `{name}` (`{other['command']}`: "
+            f"{', '.join(arms)}); the other arms are from the grid above, paired with them seed by seed.")
+    return {**res, "command": f"{res['command']} ; render --runs-from {name}", "tasks": tasks,
             "notes": res.get("notes", []) + [note], "partial": res.get("partial") or other.get("partial")}
 
 
@@ -578,7 +624,7 @@ def render_md(res: dict) -> str:
         L += ["**PARTIAL**: the run did not finish.", ""]
     L += [f"Command: `{res['command']}`", "", *(f"Note: {n}" for n in res.get("notes", [])), "", "## Protocol", "",
           (__doc__ or "").split("Run::")[0].strip(), "",
-          f"Model {cfg['model']}; {cfg['steps']} steps of batch {cfg['batch_size']}, {cfg['lr_scheduler_type']} "
+          f"Model {cfg['model']}; {cfg['steps']} steps{' (unless a task says otherwise)' if cfg.get('per_task') else ''} of batch {cfg['batch_size']}, {cfg['lr_scheduler_type']} "
           f"decay after {cfg['warmup_steps']} warmup steps; targets {', '.join(cfg['target_modules'])}; "
           f"lora_alpha = {cfg['alpha_per_rank']:g} r; seeds {cfg['seeds']}; lr grid {cfg['lrs']} (tuned on seeds "
           f"{cfg['tune_seeds']}). Total wall time {res.get('wall_s', 0):.0f} s.", ""]
@@ -587,7 +633,10 @@ def render_md(res: dict) -> str:
         zs = tr.get("zero_shot")
         zs_txt = (f" Zero-shot (the base model, no adapter): validation {100 * zs['validation']:.1f}%, test "
                   f"{100 * zs['test']:.1f}%.") if zs else ""
-        L += [f"## {name} (test {tr['metric']}{maj})", "", f"Tuned learning rates: {tr['lr']}.{zs_txt}", "",
+        tcfg = task_config(cfg, name) if name in cfg.get("per_task", {}) else cfg
+        length = (f"{tr.get('steps', cfg['steps'])} steps, warmup {tr.get('warmup_steps', cfg['warmup_steps'])}; "
+                  f"lr grid {tcfg['lrs']} tuned on seeds {tcfg['tune_seeds']}. ")
+        L += [f"## {name} (test {tr['metric']}{maj})", "", f"{length}Tuned learning rates: {tr['lr']}.{zs_txt}", "",
               "| arm | lr | retained params (mean ± std) | accuracy mean ± std | per seed | vs LoRA (paired, 95% CI) |",
               "|---|---:|---:|---:|---|---|"]
         for row in tr["stats"]:

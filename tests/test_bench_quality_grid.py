@@ -32,13 +32,42 @@ def test_t_interval_matches_student_t():
     assert (m, lo, hi) == pytest.approx((0.03, 0.03 - half, 0.03 + half))
 
 
-@pytest.mark.parametrize("name", ["grid", "grid_gpu", "lora_lr_check", "arith_curve"])
+@pytest.mark.parametrize("name", ["grid", "grid_gpu", "lora_lr_check", "sora_lr_check"])
 def test_shipped_grid_configs_are_valid_recipe_configs(name, tmp_path):
     mod = _module()
     cfg = mod.read_config(str(REPO / "bench" / "quality" / f"{name}.yaml"), False)
     out = mod.main(["--config", str(REPO / "bench" / "quality" / f"{name}.yaml"), "--out", str(tmp_path), "--check"])
-    # every arm x lr x seed went through load_config
-    assert out["configs"] == sum(len(cfg["lrs"][arm["method"]]) * len(cfg["seeds"]) for arm in cfg["arms"]) > 0
+    # every task x its arms x its lrs x seed went through load_config
+    assert out["configs"] == sum(len(tc["lrs"][arm["method"]]) * len(tc["seeds"]) for t in cfg["tasks"]
+                                 for tc in [mod.task_config(cfg, t)] for arm in mod.task_arms(tc, t)) > 0
+
+
+def test_a_tasks_steps_stretch_its_schedule_and_the_rest_stays():
+    mod = _module()
+    cfg = mod.read_config(str(REPO / "bench" / "quality" / "grid.yaml"), False)
+    ar, rt = mod.task_config(cfg, "arithmetic"), mod.task_config(cfg, "rotten_tomatoes")
+    assert ar["steps"] == 90 == 3 * cfg["steps"] and ar["warmup_steps"] == 3 * cfg["warmup_steps"]
+    assert ar["tune_seeds"] == [0, 1] and ar["lrs"]["lora"] == [1.0e-3, 3.0e-3, 1.0e-2]
+    for arm, stretched in zip(cfg["arms"], ar["arms"]):  # ramps and AdaLoRA's t_init / t_final / delta_t x 3
+        assert {k: v * 3 if k in mod.SCHEDULE_STEP_KEYS else v for k, v in arm.items()} == stretched
+    assert any("lambda_ramp_steps" in arm for arm in cfg["arms"])
+    assert {k: v for k, v in rt.items() if k != "per_task"} == {k: v for k, v in cfg.items() if k != "per_task"}
+
+
+@pytest.mark.parametrize("per_task, message", [
+    ("{sst2: {steps: 90}}", r"per_task: task 'sst2' is not in the config's tasks \['rotten_tomatoes'\]"),
+    ("{rotten_tomatoes: {batch_size: 8}}", r"per_task.rotten_tomatoes: unknown keys \['batch_size'\]; allowed: "),
+    ("{rotten_tomatoes: {steps: 0}}", r"per_task.rotten_tomatoes.steps = 0: allowed a positive integer"),
+    ("{rotten_tomatoes: {lrs: {sora: [1.0e-3]}}}", r"per_task.rotten_tomatoes.lrs: no learning rates for methods "
+                                                   r"\['lora'\]"),
+])
+def test_bad_per_task_is_named_before_any_run(tmp_path, per_task, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: tiny\ntasks: [rotten_tomatoes]\nper_task: {per_task}\narms:\n"
+                   "  - {name: LoRA r=2, method: lora, r: 2}\n")
+    with pytest.raises(SystemExit, match=message):
+        _module().main(["--config", str(bad), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def _grid_and(name: str, changed: tuple[str, ...]) -> tuple[dict, dict]:
@@ -50,15 +79,19 @@ def _grid_and(name: str, changed: tuple[str, ...]) -> tuple[dict, dict]:
 
 
 def test_lr_check_is_the_grid_with_only_loras_lr_changed():
-    grid, check = _grid_and("lora_lr_check", ("lrs", "arms"))
+    grid, check = _grid_and("lora_lr_check", ("lrs", "arms", "tasks", "per_task"))
+    assert check["tasks"] == ["rotten_tomatoes"] and check["per_task"] == {}  # where LoRA's tuning tied
     assert check["lrs"]["lora"] == [3.0e-3] and 3.0e-3 in grid["lrs"]["lora"] and 3.0e-3 in grid["lrs"]["sora"]
     assert [a for a in check["arms"] if a not in grid["arms"]] == []  # the same LoRA arms the grid scores
 
 
-def test_arith_curve_is_the_grid_run_longer():
-    grid, curve = _grid_and("arith_curve", ("tasks", "steps", "warmup_steps", "seeds", "lrs", "arms"))
-    assert curve["tasks"] == ["arithmetic"] and curve["steps"] == 3 * grid["steps"]
-    assert curve["warmup_steps"] / curve["steps"] == grid["warmup_steps"] / grid["steps"]
+def test_sora_lr_check_is_the_grids_arithmetic_sora_arms_at_another_lr():
+    grid, check = _grid_and("sora_lr_check", ("lrs", "arms", "tasks", "per_task"))
+    assert check["tasks"] == ["arithmetic"] and check["per_task"]["arithmetic"]["lrs"] == {"sora": [3.0e-3]}
+    assert check["per_task"]["arithmetic"]["steps"] == grid["per_task"]["arithmetic"]["steps"]
+    assert 3.0e-3 in grid["per_task"]["arithmetic"]["lrs"]["sora"]
+    on_arith = [a for a in grid["arms"] if a["method"] == "sora" and "arithmetic" in a.get("tasks", grid["tasks"])]
+    assert check["arms"] == on_arith and len(on_arith) == 3  # every SoRA arm the grid runs on arithmetic, as it is
 
 
 def test_bad_arm_is_named_before_any_run(tmp_path):
@@ -134,6 +167,11 @@ def test_tiny_grid_runs_every_arm_and_its_statistics_come_from_the_seeds(tmp_pat
     assert only == {"LoRA r=2", "SoRA r=4 keep 0.5"}
     assert {r["arm"] for r in ar["runs"]} == only and set(ar["lr"]) == {"lora", "sora"}
     assert len(ar["runs"]) == len(only) * len(cfg["seeds"])
+    # its per_task length, curve interval and tuning seeds, through the recipe (a run's steps are the recipe's own)
+    assert ar["steps"] == 12 != tr["steps"] == cfg["steps"] and ar["warmup_steps"] == 2 * cfg["warmup_steps"]
+    assert {r["steps"] for r in ar["runs"] + ar["tuning"]} == {12} and {r["steps"] for r in tr["runs"]} == {6}
+    assert {r["seed"] for r in ar["tuning"]} == {1} and {s for r in ar["tuning"] for s, _ in r["curve"]} == {4, 8, 12}
+    assert "12 steps, warmup 2" in md
     assert "## arithmetic (test exact_match)" in md
 
 
@@ -168,7 +206,8 @@ def test_render_merges_grids_run_task_by_task(tmp_path):
     task = {"metric": "exact_match", "test_majority": None, "tuning": [], "lr": {}, "stats": []}
     grid = {"command": "grid", "config": cfg, "partial": False, "wall_s": 10,
             "tasks": {"a": {**task, "runs": [{"arm": "x", "stages": []}]}}}
-    other = {"command": "other", "config": cfg, "partial": False, "wall_s": 5, "tasks": {"b": {**task, "runs": []}}}
+    other = {"command": "other", "config": {**cfg, "tasks": ["b"], "per_task": {"b": {"steps": 3}}}, "partial": False,
+             "wall_s": 5, "tasks": {"b": {**task, "runs": [], "steps": 3, "warmup_steps": 0}}}
     zs = {"command": "zs", "config": cfg, "partial": False, "wall_s": 1,
           "tasks": {"a": {**task, "runs": [], "zero_shot": {"validation": 0.5, "test": 0.25}}}}
     for i, r in enumerate((grid, other, zs)):
@@ -177,10 +216,13 @@ def test_render_merges_grids_run_task_by_task(tmp_path):
     assert list(res["tasks"]) == ["a", "b"] and res["wall_s"] == 16 and res["partial"] is False
     assert res["tasks"]["a"]["runs"] == [{"arm": "x", "stages": []}]  # the empty runs of the zero-shot file did not win
     assert res["tasks"]["a"]["zero_shot"] == {"validation": 0.5, "test": 0.25}
-    assert "test 25.0%" in (tmp_path / "out" / "quality_grid.md").read_text()
+    assert res["config"]["per_task"] == {"b": {"steps": 3}}  # a later file's config keys win too
+    md = (tmp_path / "out" / "quality_grid.md").read_text()
+    assert "test 25.0%" in md and "## a (" in md and "## b (" in md
+    assert md.split("## b (")[0].count("1 steps, warmup 0") == 1 and "3 steps, warmup 0" in md.split("## b (")[1]
 
 
-def test_lora_from_pairs_every_arm_with_the_other_grids_lora_seed_by_seed(tmp_path):
+def test_runs_from_pairs_every_arm_with_the_other_grids_runs_seed_by_seed(tmp_path):
     mod = _module()
     arms = [{"name": "LoRA r=4", "method": "lora", "r": 4}, {"name": "LoRA r=2", "method": "lora", "r": 2},
             {"name": "SoRA", "method": "sora", "r": 8}]
@@ -202,7 +244,7 @@ def test_lora_from_pairs_every_arm_with_the_other_grids_lora_seed_by_seed(tmp_pa
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
     direct = {row["arm"]: row for row in mod.statistics(cfg, grid["tasks"]["a"]["runs"])}
     assert direct["SoRA"]["vs_lora"]["ref"] == "LoRA r=2"  # nearer in log params than r=4
-    res = mod.main(["--render", str(tmp_path / "grid.json"), "--lora-from", str(tmp_path / "check.json"),
+    res = mod.main(["--render", str(tmp_path / "grid.json"), "--runs-from", str(tmp_path / "check.json"),
                     "--out", str(tmp_path / "out")])
     rows = {row["arm"]: row for row in res["tasks"]["a"]["stats"]}
     assert set(rows) == {"LoRA r=4", "SoRA"}  # the grid's own LoRAs (at the other lr) are gone
@@ -210,10 +252,19 @@ def test_lora_from_pairs_every_arm_with_the_other_grids_lora_seed_by_seed(tmp_pa
     assert rows["SoRA"]["vs_lora"]["ref"] == "LoRA r=4"
     assert rows["SoRA"]["vs_lora"]["diffs"] == pytest.approx([0.1, -0.1, 0.0])  # seed by seed: 0.5-0.4, 0.6-0.7, ...
     assert "taken from" in (tmp_path / "out" / "quality_grid.md").read_text()
+    # another method works the same way: SoRA at another lr, paired with the grid's own LoRAs
+    sora = {"command": "sora check", "config": {**cfg, "arms": arms[2:], "lrs": {"sora": [1e-2]}}, "partial": False,
+            "tasks": {"a": {**task, "lr": {"sora": 1e-2}, "runs": runs("SoRA", 1e-2, 250, [0.3, 0.3, 0.3])}}}
+    (tmp_path / "sora.json").write_text(json.dumps(sora))
+    res = mod.main(["--render", str(tmp_path / "grid.json"), "--runs-from", str(tmp_path / "sora.json"),
+                    "--out", str(tmp_path / "out2")])
+    rows = {row["arm"]: row for row in res["tasks"]["a"]["stats"]}
+    assert set(rows) == {"LoRA r=4", "LoRA r=2", "SoRA"} and res["tasks"]["a"]["lr"] == {"lora": 1e-3, "sora": 1e-2}
+    assert rows["SoRA"]["lr"] == 1e-2 and rows["SoRA"]["vs_lora"]["diffs"] == pytest.approx([0.2, 0.2, 0.2])
     bad = {**check, "config": {**check["config"], "arms": [{"name": "LoRA r=9", "method": "lora", "r": 9}]}}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(SystemExit, match="LoRA r=9"):
-        mod.main(["--render", str(tmp_path / "grid.json"), "--lora-from", str(tmp_path / "bad.json"),
+        mod.main(["--render", str(tmp_path / "grid.json"), "--runs-from", str(tmp_path / "bad.json"),
                   "--out", str(tmp_path / "x")])
 
 
