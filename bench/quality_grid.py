@@ -203,8 +203,8 @@ def write_chat(path: Path, system: str, pairs: list[tuple[str, str]]) -> str:
 
 def arithmetic(cfg: dict, folder: Path) -> dict:
     """A generative task: "What is a + b?" for a, b from 10 to ``arithmetic_max``, answered by greedy generation and
-    scored by exact match of the sum (the recipe's eval_max_new_tokens). Generated from a fixed seed, so it is offline by construction;
-    every (a, b) pair appears in one split only."""
+    scored by exact match of the sum (the recipe's eval_max_new_tokens). Generated from a fixed seed, so it is offline
+    by construction; every (a, b) pair appears in one split only."""
     top = cfg["arithmetic_max"]  # range checked by read_config
     pairs = [(a, b) for a in range(10, top + 1) for b in range(10, top + 1)]
     random.Random(4321).shuffle(pairs)
@@ -566,9 +566,8 @@ def merge(results: list[dict]) -> dict:
     ``--zero-shot-only`` run adds its zero_shot to a grid run without one); partial if any part is."""
     if len(results) == 1:
         return results[0]
-    res = {"command": " ; ".join(r["command"] for r in results), "config": {k: v for r in results
-                                                                              for k, v in r["config"].items()},
-           "tasks": {},
+    config = {k: v for r in results for k, v in r["config"].items()}  # a later file's keys win
+    res = {"command": " ; ".join(r["command"] for r in results), "config": config, "tasks": {},
            "partial": any(r.get("partial") for r in results), "wall_s": sum(r.get("wall_s", 0) for r in results),
            "notes": [n for r in results for n in r.get("notes", [])]}
     for r in results:
@@ -624,7 +623,8 @@ def render_md(res: dict) -> str:
         L += ["**PARTIAL**: the run did not finish.", ""]
     L += [f"Command: `{res['command']}`", "", *(f"Note: {n}" for n in res.get("notes", [])), "", "## Protocol", "",
           (__doc__ or "").split("Run::")[0].strip(), "",
-          f"Model {cfg['model']}; {cfg['steps']} steps{' (unless a task says otherwise)' if cfg.get('per_task') else ''} of batch {cfg['batch_size']}, {cfg['lr_scheduler_type']} "
+          f"Model {cfg['model']}; {cfg['steps']} steps{' (unless a task says otherwise)' if cfg.get('per_task') else ''}"
+          f" of batch {cfg['batch_size']}, {cfg['lr_scheduler_type']} "
           f"decay after {cfg['warmup_steps']} warmup steps; targets {', '.join(cfg['target_modules'])}; "
           f"lora_alpha = {cfg['alpha_per_rank']:g} r; seeds {cfg['seeds']}; lr grid {cfg['lrs']} (tuned on seeds "
           f"{cfg['tune_seeds']}). Total wall time {res.get('wall_s', 0):.0f} s.", ""]
@@ -633,9 +633,9 @@ def render_md(res: dict) -> str:
         zs = tr.get("zero_shot")
         zs_txt = (f" Zero-shot (the base model, no adapter): validation {100 * zs['validation']:.1f}%, test "
                   f"{100 * zs['test']:.1f}%.") if zs else ""
-        tcfg = task_config(cfg, name) if name in cfg.get("per_task", {}) else cfg
-        length = (f"{tr.get('steps', cfg['steps'])} steps, warmup {tr.get('warmup_steps', cfg['warmup_steps'])}; "
-                  f"lr grid {tcfg['lrs']} tuned on seeds {tcfg['tune_seeds']}. ")
+        tcfg = task_config({"per_task": {}, **cfg}, name)  # grids written before per_task have none
+        length = (f"{tcfg['steps']} steps, warmup {tcfg['warmup_steps']}; lr grid {tcfg['lrs']} tuned on seeds "
+                  f"{tcfg['tune_seeds']}. ")
         L += [f"## {name} (test {tr['metric']}{maj})", "", f"{length}Tuned learning rates: {tr['lr']}.{zs_txt}", "",
               "| arm | lr | retained params (mean ± std) | accuracy mean ± std | per seed | vs LoRA (paired, 95% CI) |",
               "|---|---:|---:|---:|---|---|"]
