@@ -7,6 +7,7 @@ special beyond two facts kept here: the adapter's dtype, and how to get a float 
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 from torch import nn
@@ -14,6 +15,28 @@ from torch import nn
 from .deepspeed import is_partitioned
 
 QUANTIZED_PARAM_TYPES = ("Params4bit", "Int8Params")
+
+HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _OptionalHubKernelNotice(logging.Filter):
+    """Drops one import-time warning of bitsandbytes (>= 0.50) on CPUs with AVX512-BF16: that the optional Hub kernel
+    for its packed CPU layout could not be loaded because the ``kernels`` package is not installed.
+
+    Why: that kernel only ever runs on weights bitsandbytes has repacked into its CPU layout, and sora_ds never lets
+    a weight be repacked (:func:`pin_4bit_layout`), so the notice asks the user to install a package that would
+    change nothing, on every rank of every run and in ``sora-ds generate``'s reply. Any other failure to load the
+    kernel (``kernels`` installed but broken or offline) is still reported.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        cause = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        missing_package = isinstance(cause, ModuleNotFoundError) and cause.name == "kernels"
+        return not (str(record.msg).startswith(HUB_KERNEL_NOTICE) and missing_package)
+
+
+# Installed when sora_ds is imported, which is before anything of sora_ds imports bitsandbytes (it warns on import).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalHubKernelNotice())
 
 
 def quantized_kind(layer: nn.Module) -> str | None:

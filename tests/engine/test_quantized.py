@@ -6,11 +6,16 @@ machine's CPU is (see conftest.py); ``test_forced_cpu_path_is_the_real_one`` pro
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
+import subprocess
+import sys
 import types
 import warnings
 
 import pytest
 import torch
+from packaging.version import Version
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -18,7 +23,8 @@ from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import sora_ds  # noqa: E402
-from sora_ds.engine.quantized import check_4bit_layout, dequantized_weight, pin_4bit_layout, quantized_kind  # noqa: E402
+from sora_ds.engine.quantized import (HUB_KERNEL_NOTICE, check_4bit_layout, dequantized_weight,  # noqa: E402
+                                      pin_4bit_layout, quantized_kind)
 from sora_ds.recipe.train import check_quantization  # noqa: E402
 from sora_ds.recipe.config import ConfigError, TrainConfig  # noqa: E402
 from tests.support import REPO, SORA_DEMO  # noqa: E402
@@ -91,6 +97,34 @@ def train_sora(model, steps=25, sparse_lambda=3.0, eval_at=()):
         opt.zero_grad()
         losses.append(loss.item())
     return losses, grads, ids
+
+
+# bitsandbytes' CPU ops module, imported again as on a CPU with AVX512-BF16 (it picks its kernels at import time).
+IMPORT_AS_AVX512_BF16 = """
+import importlib, bitsandbytes, bitsandbytes.functional as F
+F.has_avx512bf16 = lambda: True
+importlib.reload(importlib.import_module("bitsandbytes.backends.cpu.ops"))
+"""
+
+
+@pytest.mark.parametrize("first", ["", "import sora_ds"])
+def test_no_hub_kernel_notice_on_avx512_bf16_cpus(first):
+    """bitsandbytes >= 0.50 warns at import, on AVX512-BF16 CPUs, that the optional `kernels` package is missing (it
+    showed up in `sora-ds generate`'s reply). Without sora_ds the notice is there (so this checks the real message);
+    with sora_ds imported first it is not."""
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", f"{first}\n{IMPORT_AS_AVX512_BF16}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    warns = Version(bnb.__version__) >= Version("0.50") and importlib.util.find_spec("kernels") is None and not first
+    assert (HUB_KERNEL_NOTICE in proc.stderr) == warns, proc.stderr
+
+
+def test_hub_kernel_notice_filter_keeps_other_failures(caplog):
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log.warning(f"{HUB_KERNEL_NOTICE}: %s.", ModuleNotFoundError("No module named 'kernels'", name="kernels"))
+        log.warning(f"{HUB_KERNEL_NOTICE}: %s.", OSError("offline, kernel not in the Hub cache"))
+    assert [r.getMessage() for r in caplog.records] == [f"{HUB_KERNEL_NOTICE}: offline, kernel not in the Hub cache."]
 
 
 def test_forced_cpu_path_is_the_real_one(base_dir, bnb_cpu_path):
