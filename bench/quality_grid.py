@@ -696,7 +696,8 @@ def plot(res: dict, path: Path) -> None:
         ax.set_ylabel(f"test {tr['metric']} (%)")
         ax.set_title(f"{name}: mean ± std over {len(res['config']['seeds'])} seeds")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a task with no runs yet (a grid rendered part by part) has none
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
